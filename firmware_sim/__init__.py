@@ -1,0 +1,1 @@
+"""The device simulator: a board in software with a fixed RAM budget."""

@@ -1,0 +1,1 @@
+"""Byte formats shared by host and board: quant types, their kernels, and (later) the stream schema."""

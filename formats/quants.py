@@ -1,0 +1,132 @@
+"""The one table of tensor element types.
+
+Every part of the project sizes tensors from this table: readers, writers, the stream layout,
+the simulator. Block types keep ggml's exact byte layouts (see docs/format.md); ids are ggml's
+`ggml_type` values, `rwkv_cpp` is the code rwkv.cpp's `.bin` files use for the same type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import kernels
+from .errors import BadInput
+
+
+def _f32_quantize(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
+
+
+def _f32_dequantize(data: np.ndarray) -> np.ndarray:
+    return data.view("<f4").astype(np.float32)
+
+
+def _f16_quantize(x: np.ndarray) -> np.ndarray:
+    # numpy's float32->float16 cast rounds to nearest even, as ggml's GGML_FP32_TO_FP16 does.
+    return np.ascontiguousarray(x, dtype=np.float32).astype("<f2").view(np.uint8)
+
+
+def _f16_dequantize(data: np.ndarray) -> np.ndarray:
+    return data.view("<f2").astype(np.float32)
+
+
+def _bf16_quantize(x: np.ndarray) -> np.ndarray:
+    # ggml_compute_fp32_to_bf16: round to nearest even; NaN stays NaN (quiet bit set).
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    h = np.where(nan, (u >> np.uint32(16)) | np.uint32(64), rounded).astype("<u2")
+    return h.view(np.uint8)
+
+
+def _bf16_dequantize(data: np.ndarray) -> np.ndarray:
+    return (data.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    id: int                      # ggml_type; also the stream's type id
+    rwkv_cpp: int | None         # code in rwkv.cpp .bin files, None if rwkv.cpp lacks the type
+    block_size: int              # elements per block
+    block_bytes: int             # bytes per block
+    _quantize: Callable[[np.ndarray], np.ndarray]    # float32 1-D -> uint8 1-D
+    _dequantize: Callable[[np.ndarray], np.ndarray]  # uint8 1-D -> float32 1-D
+
+    @property
+    def is_block(self) -> bool:
+        return self.block_size > 1
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+    def row_bytes(self, n_cols: int) -> int:
+        if n_cols % self.block_size:
+            raise BadInput(f"{self.name} needs rows that are a multiple of {self.block_size} "
+                           f"elements, got {n_cols}")
+        return n_cols // self.block_size * self.block_bytes
+
+    def nbytes(self, shape) -> int:
+        shape = tuple(int(s) for s in shape)
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        return n_rows * self.row_bytes(shape[-1] if shape else 1)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Values of any shape (last dim a multiple of the block size) -> uint8 (rows, row_bytes)."""
+        x = np.asarray(x)
+        if x.ndim == 0:
+            x = x.reshape(1)
+        self.row_bytes(x.shape[-1])
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        out = self._quantize(flat)
+        return out.reshape(-1, self.row_bytes(x.shape[-1]))
+
+    def dequantize(self, data, shape) -> np.ndarray:
+        """Bytes (any buffer) -> float32 array of `shape`."""
+        raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
+            else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        need = self.nbytes(shape)
+        if raw.size != need:
+            raise BadInput(f"{self.name} data of shape {tuple(shape)} needs {need} bytes, "
+                           f"got {raw.size}")
+        return self._dequantize(raw).reshape(shape)
+
+
+TYPES: tuple[QuantType, ...] = (
+    QuantType("F32", 0, 0, 1, 4, _f32_quantize, _f32_dequantize),
+    QuantType("F16", 1, 1, 1, 2, _f16_quantize, _f16_dequantize),
+    QuantType("Q4_0", 2, 2, 32, 2 + 16, kernels.quantize_q4_0, kernels.dequantize_q4_0),
+    QuantType("Q4_1", 3, 3, 32, 2 + 2 + 16, kernels.quantize_q4_1, kernels.dequantize_q4_1),
+    QuantType("Q5_0", 6, 7, 32, 2 + 4 + 16, kernels.quantize_q5_0, kernels.dequantize_q5_0),
+    QuantType("Q5_1", 7, 8, 32, 2 + 2 + 4 + 16, kernels.quantize_q5_1, kernels.dequantize_q5_1),
+    QuantType("Q8_0", 8, 9, 32, 2 + 32, kernels.quantize_q8_0, kernels.dequantize_q8_0),
+    QuantType("BF16", 30, None, 1, 2, _bf16_quantize, _bf16_dequantize),
+)
+
+_ALIASES = {"FP32": "F32", "FP16": "F16"}
+
+
+def by_name(name: str) -> QuantType:
+    key = _ALIASES.get(name.upper(), name.upper())
+    for t in TYPES:
+        if t.name == key:
+            return t
+    raise BadInput(f"unknown quant type {name!r} (known: {', '.join(t.name for t in TYPES)})")
+
+
+def by_id(type_id: int) -> QuantType:
+    for t in TYPES:
+        if t.id == type_id:
+            return t
+    raise BadInput(f"unknown type id {type_id}")
+
+
+def by_rwkv_cpp(code: int) -> QuantType:
+    for t in TYPES:
+        if t.rwkv_cpp == code:
+            return t
+    raise BadInput(f"unknown rwkv.cpp data type {code}"
+                   + (" (Q4_2/Q4_3/Q4_1_O were removed from rwkv.cpp)" if code in (4, 5, 6) else ""))

@@ -1,0 +1,141 @@
+"""The one command line, `rwkv-stream`. Errors of the project's hierarchy are caught here, once."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from formats.errors import RwkvStreamError, UsageError
+
+from . import __version__
+
+
+def _add_json(p):
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def _add_quant(p, required=False, default=None):
+    p.add_argument("--quant", required=required, default=default, metavar="TYPE",
+                   help="target type for the tensors rwkv.cpp quantizes: F32, F16, BF16, Q8_0, "
+                        "Q5_1, Q5_0, Q4_1, Q4_0")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="GLOB=TYPE",
+                   help="override the type of tensors whose canonical name matches GLOB "
+                        "(repeatable; the last match wins), e.g. 'head.weight=Q8_0'")
+
+
+def cmd_inspect(args):
+    from .inspect_cmd import describe, format_text
+    info = describe(args.file)
+    print(json.dumps(info, indent=1) if args.json else format_text(info))
+
+
+def cmd_convert(args):
+    from .convert import convert
+    result = convert(args.src, args.output, args.quant, args.tensor_type, args.format)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif args.output != "-":
+        print(f"wrote {args.output} ({result['format']}, {result['quant']})", file=sys.stderr)
+
+
+def cmd_synth(args):
+    from formats.arch import RwkvVersion
+    from formats.quants import by_name
+
+    from .bin_writer import write_bin
+    from .model import Model
+    from .outputs import atomic_output
+    from .plan import make_plan
+    from .synth import SyntheticCheckpoint, synth_hparams
+    hp = synth_hparams(RwkvVersion.parse(args.arch), args.n_embd, args.n_layer, args.n_vocab,
+                       ffn_size=args.ffn_size, head_size=args.head_size)
+    model = Model(SyntheticCheckpoint(hp, seed=args.seed))
+    target = by_name(args.dtype)
+    with atomic_output(args.output) as out:
+        write_bin(model, make_plan(model, target), target, out)
+    if args.json:
+        print(json.dumps(dict(output=args.output, **hp.as_dict()), indent=1))
+
+
+def cmd_bench(args):
+    if args.what == "quantize":
+        from .bench_quantize import format_table, run
+        rows = run(size=args.size, repeat=args.repeat)
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rwkv-stream",
+        description="Quantize RWKV checkpoints on the fly into a stream that microcontrollers "
+                    "run. See docs/cli.md for the shared flags and exit statuses.")
+    p.add_argument("--version", action="version", version=f"rwkv-stream {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="version, dimensions and every tensor of a model file",
+                       description="Show a model file's RWKV version, dimensions and every "
+                                   "tensor with its type, shape, bytes and bits per weight. "
+                                   "Reads rwkv.cpp .bin, PyTorch .pth and safetensors.")
+    s.add_argument("file")
+    _add_json(s)
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("convert", help="convert/quantize a checkpoint into another file",
+                       description="Read any checkpoint and write it quantized. The output "
+                                   "format follows the suffix of -o (.bin = rwkv.cpp) or "
+                                   "--format. A .bin keeps the source's tensor order and is "
+                                   "byte-identical to what rwkv.cpp's quantizer writes.")
+    s.add_argument("src")
+    s.add_argument("-o", "--output", required=True, help="output file ('-' for stdout)")
+    _add_quant(s, required=True)
+    s.add_argument("--format", choices=["rwkv.cpp"], help="output format, overriding the suffix")
+    _add_json(s)
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("synth", help="write a random, well-scaled checkpoint of any shape",
+                       description="Write a random RWKV checkpoint (rwkv.cpp .bin) of any "
+                                   "shape, e.g. RWKV-4 169M: --arch v4 --n-embd 768 "
+                                   "--n-layer 12 --n-vocab 50277.")
+    s.add_argument("--arch", required=True, help="v4, v5.1, v5.2, v6 or v7")
+    s.add_argument("--n-embd", type=int, required=True)
+    s.add_argument("--n-layer", type=int, required=True)
+    s.add_argument("--n-vocab", type=int, required=True)
+    s.add_argument("--ffn-size", type=int, help="default 4 x n_embd (3.5 x for v6)")
+    s.add_argument("--head-size", type=int, help="default 64 (or n_embd if smaller)")
+    s.add_argument("--dtype", default="F32", choices=["F32", "F16"],
+                   help="F16 stores matrices as rwkv.cpp's FP16 converter does")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    _add_json(s)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+    s.add_argument("what", choices=["quantize"])
+    s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
+    s.add_argument("--repeat", type=int, default=3)
+    _add_json(s)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except RwkvStreamError as e:
+        print(f"rwkv-stream: error: {e.line()}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("rwkv-stream: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`rwkv-stream convert`: any checkpoint -> rwkv.cpp `.bin` (later also `.rwks` streams)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from formats.errors import UsageError
+from formats.quants import by_name
+
+from .bin_writer import write_bin
+from .model import Model, load_model
+from .outputs import atomic_output
+from .plan import make_plan
+from .progress import progress_bar
+
+FORMATS = {".bin": "rwkv.cpp"}
+
+
+def output_format(dst: str, explicit: str | None) -> str:
+    if explicit:
+        if explicit not in FORMATS.values():
+            raise UsageError(f"--format {explicit!r} is not one of {sorted(set(FORMATS.values()))}")
+        return explicit
+    suffix = Path(dst).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"cannot tell the output format from {dst!r}; use a suffix "
+                         f"({', '.join(FORMATS)}) or --format")
+    return FORMATS[suffix]
+
+
+def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None = None) -> dict:
+    fmt = output_format(str(dst), fmt)
+    target = by_name(quant)
+    plan = make_plan(model, target, overrides)
+    total = sum(t.source.nbytes for t in model)
+    with progress_bar(total, f"convert -> {quant}") as bar, atomic_output(dst) as out:
+        write_bin(model, plan, target, out, progress=lambda t: bar.update(t.source.nbytes))
+    return dict(output=str(dst), format=fmt, quant=target.name,
+                types={n: q.name for n, q in plan.items()})
+
+
+def convert(src, dst, quant: str, overrides=(), fmt: str | None = None) -> dict:
+    model = load_model(src)
+    try:
+        return convert_model(model, dst, quant, overrides, fmt)
+    finally:
+        model.close()

@@ -1,0 +1,371 @@
+"""The canonical RWKV model: version, hyper-parameters, and tensors in forward order.
+
+Whatever the checkpoint format, a Model presents the tensors exactly as rwkv.cpp stores them
+(names, shapes and the pre-computed transforms of rwkv_spec.md section 3), loading and
+transforming one tensor at a time when asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from formats.arch import RwkvVersion as V
+from formats.errors import BadInput
+from formats.quants import QuantType, by_name
+
+from .names import canonical_name, layer_of
+from .readers import Checkpoint, SourceTensor, open_checkpoint
+
+F32 = by_name("F32")
+
+# Per-layer tensors in the order the forward pass consumes them (rwkv_spec.md section 4).
+_LAYER_ORDER = {
+    V.V4: ["ln1.weight", "ln1.bias", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r",
+           "att.receptance.weight", "att.key.weight", "att.value.weight", "att.time_first",
+           "att.time_decay", "att.output.weight"],
+    V.V5_1: ["ln1.weight", "ln1.bias", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r",
+             "att.receptance.weight", "att.key.weight", "att.value.weight", "att.time_first",
+             "att.time_decay", "att.ln_x.weight", "att.ln_x.bias", "att.output.weight"],
+    V.V5_2: ["ln1.weight", "ln1.bias", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r",
+             "att.time_mix_g", "att.receptance.weight", "att.key.weight", "att.value.weight",
+             "att.gate.weight", "att.time_faaaa", "att.time_decay", "att.ln_x.weight",
+             "att.ln_x.bias", "att.output.weight"],
+    V.V6: ["ln1.weight", "ln1.bias", "att.time_maa_x", "att.time_maa_w1", "att.time_maa_w2",
+           "att.time_maa_w", "att.time_maa_k", "att.time_maa_v", "att.time_maa_r",
+           "att.time_maa_g", "att.receptance.weight", "att.key.weight", "att.value.weight",
+           "att.gate.weight", "att.time_decay", "att.time_decay_w1", "att.time_decay_w2",
+           "att.time_faaaa", "att.ln_x.weight", "att.ln_x.bias", "att.output.weight"],
+    V.V7: ["ln1.weight", "ln1.bias", "att.x_rwkvag", "att.receptance.weight", "att.w0",
+           "att.w1", "att.w2", "att.key.weight", "att.value.weight", "att.v0", "att.v1",
+           "att.v2", "att.a0", "att.a1", "att.a2", "att.g1", "att.g2", "att.k_k", "att.k_a",
+           "att.r_k", "att.ln_x.weight", "att.ln_x.bias", "att.output.weight"],
+}
+_FFN_ORDER = {
+    V.V4: ["ln2.weight", "ln2.bias", "ffn.time_mix_k", "ffn.time_mix_r",
+           "ffn.receptance.weight", "ffn.key.weight", "ffn.value.weight"],
+    V.V6: ["ln2.weight", "ln2.bias", "ffn.time_maa_k", "ffn.time_maa_r",
+           "ffn.receptance.weight", "ffn.key.weight", "ffn.value.weight"],
+    V.V7: ["ln2.weight", "ln2.bias", "ffn.x_k", "ffn.key.weight", "ffn.value.weight"],
+}
+_FFN_ORDER[V.V5_1] = _FFN_ORDER[V.V5_2] = _FFN_ORDER[V.V4]
+_V7_MIX = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g"]
+
+
+@dataclass(frozen=True)
+class HParams:
+    version: V
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    ffn_size: int
+    n_head: int = 0          # 0 for v4
+    head_size: int = 0
+    lora: dict = field(default_factory=dict)   # rank per LoRA (v6: maa, decay; v7: w, a, v, g)
+
+    @property
+    def ln_eps(self) -> float:
+        return 1e-5
+
+    @property
+    def gn_eps(self) -> float:
+        # rwkv.cpp: 1e-5 for v5.x, 64e-5 for v6/v7 (rwkv_spec.md pitfall 1).
+        return 64e-5 if self.version in (V.V6, V.V7) else 1e-5
+
+    @property
+    def state_floats(self) -> int:
+        per_layer = 5 * self.n_embd if self.version is V.V4 else (2 + self.head_size) * self.n_embd
+        return per_layer * self.n_layer
+
+    def as_dict(self) -> dict:
+        return dict(version=self.version.label, n_vocab=self.n_vocab, n_embd=self.n_embd,
+                    n_layer=self.n_layer, ffn_size=self.ffn_size, n_head=self.n_head,
+                    head_size=self.head_size, lora=dict(self.lora))
+
+
+def detect_version(names) -> V:
+    """rwkv.cpp's order of tests (rwkv_spec.md section 2): later ones override earlier ones."""
+    names = set(names)
+    version = V.V4
+    if "blocks.0.att.ln_x.weight" in names:
+        version = V.V5_2 if "blocks.0.att.gate.weight" in names else V.V5_1
+    if "blocks.0.att.time_maa_x" in names:
+        version = V.V6
+    if "blocks.0.att.r_k" in names or "blocks.0.att.k_k" in names:
+        version = V.V7
+    return version
+
+
+def forward_order(hp: HParams) -> list[str]:
+    names = ["emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"]
+    for i in range(hp.n_layer):
+        for suffix in _LAYER_ORDER[hp.version] + _FFN_ORDER[hp.version]:
+            if hp.version is V.V7 and i == 0 and suffix in ("att.v0", "att.v1", "att.v2"):
+                continue
+            names.append(f"blocks.{i}.{suffix}")
+    return names + ["ln_out.weight", "ln_out.bias", "head.weight"]
+
+
+def expected_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    """Stored (rwkv.cpp) numpy shape of every tensor."""
+    C, V_, F, H, S = hp.n_embd, hp.n_vocab, hp.ffn_size, hp.n_head, hp.head_size
+    r = hp.lora
+    per = {"ln1.weight": (C,), "ln1.bias": (C,), "ln2.weight": (C,), "ln2.bias": (C,),
+           "att.receptance.weight": (C, C), "att.key.weight": (C, C),
+           "att.value.weight": (C, C), "att.output.weight": (C, C),
+           "ffn.key.weight": (F, C), "ffn.value.weight": (C, F),
+           "ffn.receptance.weight": (C, C), "att.ln_x.weight": (C,), "att.ln_x.bias": (C,),
+           "att.gate.weight": (C, C)}
+    for mix in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g",
+                "ffn.time_mix_k", "ffn.time_mix_r", "ffn.time_maa_k", "ffn.time_maa_r",
+                "att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "att.time_maa_v",
+                "att.time_maa_r", "att.time_maa_g"):
+        per[mix] = (C,)
+    if hp.version is V.V4:
+        per.update({"att.time_first": (C,), "att.time_decay": (C,)})
+    elif hp.version is V.V5_1:
+        per.update({"att.time_first": (H, 1, 1), "att.time_decay": (H, 1, 1)})
+    elif hp.version is V.V5_2:
+        per.update({"att.time_faaaa": (H, S, 1), "att.time_decay": (H, S, 1)})
+    elif hp.version is V.V6:
+        D, Dw = r["maa"], r["decay"]
+        per.update({"att.time_faaaa": (H, S, 1), "att.time_decay": (H, S, 1),
+                    "att.time_maa_w1": (5 * D, C), "att.time_maa_w2": (5, C, D),
+                    "att.time_decay_w1": (Dw, C), "att.time_decay_w2": (C, Dw)})
+    else:
+        per.update({"att.x_rwkvag": (6, 1, C), "att.r_k": (H, S), "ffn.x_k": (1, 1, C)})
+        for vec in ("w0", "a0", "v0", "k_k", "k_a"):
+            per[f"att.{vec}"] = (1, 1, C)
+        for lora in ("w", "a", "v", "g"):
+            per[f"att.{lora}1"] = (r[lora], C)
+            per[f"att.{lora}2"] = (C, r[lora])
+    shapes = {"emb.weight": (V_, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+              "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V_, C)}
+    for name in forward_order(hp):
+        i = layer_of(name)
+        if i is not None and not name.startswith("blocks.0.ln0"):
+            shapes[name] = per[name.split(".", 2)[2]]
+    return shapes
+
+
+@dataclass
+class ModelTensor:
+    """One canonical tensor: its stored name and shape, and how to get its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: SourceTensor            # where its data comes from (the first source if several)
+    transformed: bool               # values differ from the source bytes (transform applied)
+    _compute: Callable[[], np.ndarray] = field(repr=False)
+
+    @property
+    def source_type(self) -> QuantType:
+        return F32 if self.transformed else self.source.qtype
+
+    @property
+    def layer(self) -> int | None:
+        return layer_of(self.name)
+
+    def values(self) -> np.ndarray:
+        """float32 values in the stored shape; refuses NaN/Inf with the offending element."""
+        x = np.asarray(self._compute(), dtype=np.float32).reshape(self.shape)
+        finite = np.isfinite(x)
+        if not finite.all():
+            idx = int(np.argmin(finite.reshape(-1)))
+            offset = None
+            if not self.transformed and not self.source.qtype.is_block:
+                offset = self.source.offset + idx * self.source.qtype.block_bytes
+            raise BadInput(f"non-finite weight {x.reshape(-1)[idx]} at element {idx}",
+                           path=self.source.path, tensor=self.name, offset=offset)
+        return x
+
+    def raw(self) -> np.ndarray:
+        """The source bytes, valid only for an untransformed tensor."""
+        assert not self.transformed
+        return self.source.raw()
+
+
+class Model:
+    """A checkpoint seen as rwkv.cpp's canonical model."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.path = checkpoint.path
+        self._raw_source = not checkpoint.stored_form
+        self._by_canon: dict[str, SourceTensor] = {}
+        for t in checkpoint:
+            canon = canonical_name(t.name)
+            if canon is None:
+                raise BadInput("tensor name not known for any RWKV version", path=self.path,
+                               tensor=t.name, offset=t.offset)
+            if canon in self._by_canon:
+                raise BadInput(f"tensor maps to {canon!r}, which another tensor also maps to",
+                               path=self.path, tensor=t.name)
+            self._by_canon[canon] = t
+        if "emb.weight" not in self._by_canon:
+            raise BadInput("no emb.weight: not an RWKV checkpoint (unknown architecture)",
+                           path=self.path)
+        self.version = detect_version(self._by_canon)
+        self.hparams = self._hparams()
+        self.tensors: dict[str, ModelTensor] = self._build_tensors()
+        self._check_shapes()
+
+    # -- hyper-parameters ---------------------------------------------------------------
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._by_canon:
+            raise BadInput(f"missing tensor {name!r} required by RWKV v{self.version.label}",
+                           path=self.path)
+        return self._by_canon[name].shape
+
+    def _hparams(self) -> HParams:
+        v = self.version
+        n_vocab, n_embd = self._shape("emb.weight")
+        layers = {layer_of(n) for n in self._by_canon} - {None}
+        n_layer = max(layers) + 1 if layers else 0
+        if n_layer == 0 or layers != set(range(n_layer)):
+            raise BadInput(f"layers are not numbered 0..N-1 (found {sorted(layers)})",
+                           path=self.path)
+        ffn_size = self._shape("blocks.0.ffn.key.weight")[0]
+        n_head = head_size = 0
+        lora = {}
+        if v in (V.V5_1, V.V5_2):
+            n_head = self._shape("blocks.0.att.time_decay")[0]
+        elif v is V.V6:
+            n_head = self._shape("blocks.0.att.time_faaaa")[0]
+            w1 = self._shape("blocks.0.att.time_maa_w1")
+            d1 = self._shape("blocks.0.att.time_decay_w1")
+            # Raw checkpoints hold these as (C, 5D) and (C, Dw); rwkv.cpp stores them transposed.
+            lora = {"maa": (w1[1] if self._raw_source else w1[0]) // 5,
+                    "decay": d1[1] if self._raw_source else d1[0]}
+        elif v is V.V7:
+            n_head = self._shape("blocks.0.att.r_k")[0]
+            src = 1 if n_layer > 1 else 0
+            for lora_name in ("w", "a", "v", "g"):
+                layer = src if lora_name == "v" else 0
+                if lora_name == "v" and n_layer == 1:
+                    lora["v"] = 0
+                    continue
+                s = self._shape(f"blocks.{layer}.att.{lora_name}1")
+                lora[lora_name] = s[1] if self._raw_source else s[0]
+        if n_head:
+            if n_embd % n_head:
+                raise BadInput(f"n_embd {n_embd} is not a multiple of the head count {n_head}",
+                               path=self.path)
+            head_size = n_embd // n_head
+        return HParams(v, n_vocab, n_embd, n_layer, ffn_size, n_head, head_size, lora)
+
+    # -- tensors ------------------------------------------------------------------------
+    def _build_tensors(self) -> dict[str, ModelTensor]:
+        hp = self.hparams
+        shapes = expected_shapes(hp)
+        out = {}
+        for name in forward_order(hp):
+            if self._raw_source and name.endswith("att.x_rwkvag"):
+                prefix = name[: -len("x_rwkvag")]
+                parts = [self._source(prefix + m) for m in self._v7_mix_order(prefix)]
+                out[name] = ModelTensor(
+                    name, shapes[name], parts[0], True,
+                    lambda parts=parts: np.concatenate(
+                        [p.to_float32().astype(np.float64).reshape(1, 1, -1) for p in parts]))
+                continue
+            src = self._source(name)
+            if not self._raw_source:
+                out[name] = ModelTensor(name, shapes[name], src, False, src.to_float32)
+                continue
+            transform = self._transform_for(name)
+            if transform is None:
+                out[name] = ModelTensor(name, shapes[name], src, False,
+                                        lambda s=src: s.to_float32())
+            else:
+                out[name] = ModelTensor(name, shapes[name], src, True,
+                                        lambda s=src, f=transform: f(s.to_float32()))
+        return out
+
+    def _source(self, name: str) -> SourceTensor:
+        if name not in self._by_canon:
+            raise BadInput(f"missing tensor {name!r} required by RWKV v{self.version.label}",
+                           path=self.path)
+        return self._by_canon[name]
+
+    def _v7_mix_order(self, prefix: str) -> list[str]:
+        # rwkv.cpp concatenates att.x_* in state-dict key order and reads slices as r,w,k,v,a,g;
+        # we place them by name so a checkpoint with another key order still converts right.
+        return _V7_MIX
+
+    def _transform_for(self, name: str):
+        """The raw -> stored transform of rwkv_spec.md section 3 (None: values unchanged).
+
+        Arithmetic runs in float64 and is rounded once to float32.
+        """
+        v, hp = self.version, self.hparams
+        H, S = hp.n_head, hp.head_size
+        tail = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+        f64 = lambda x: x.astype(np.float64)  # noqa: E731
+        if ".time_" in name:
+            squeeze = lambda x: f64(x).squeeze()  # noqa: E731
+        else:
+            squeeze = f64
+        if v is V.V4 and tail == "att.time_decay":
+            return lambda x: -np.exp(squeeze(x))
+        if v is V.V5_1 and tail == "att.time_decay":
+            return lambda x: np.exp(-np.exp(squeeze(x))).reshape(H, 1, 1)
+        if v is V.V5_1 and tail == "att.time_first":
+            return lambda x: np.exp(squeeze(x)).reshape(H, 1, 1)
+        if v is V.V5_2 and tail == "att.time_decay":
+            return lambda x: np.exp(-np.exp(squeeze(x))).reshape(H, S, 1)
+        if v in (V.V5_2, V.V6) and tail == "att.time_faaaa":
+            return lambda x: squeeze(x).reshape(H, S, 1)
+        if v is V.V6 and tail == "att.time_decay":
+            return lambda x: squeeze(x).reshape(H, S, 1)
+        if v is V.V6 and tail in ("att.time_maa_w1", "att.time_decay_w1", "att.time_decay_w2"):
+            return lambda x: np.ascontiguousarray(squeeze(x).T)
+        if v is V.V6 and tail == "att.time_maa_w2":
+            return lambda x: np.ascontiguousarray(squeeze(x).transpose(0, 2, 1))
+        if v is V.V7 and tail in ("att.w1", "att.a1", "att.v1", "att.g1",
+                                  "att.w2", "att.a2", "att.v2", "att.g2"):
+            return lambda x: np.ascontiguousarray(f64(x).T)
+        if ".time_" in name:
+            return lambda x: squeeze(x)
+        return None
+
+    def _check_shapes(self) -> None:
+        known = set(self.tensors) | {n for n in self._by_canon if ".att.x_" in n and
+                                     n.split(".")[-1] in _V7_MIX}
+        for canon, src in self._by_canon.items():
+            if canon not in known:
+                raise BadInput(f"tensor {canon!r} does not belong to an RWKV "
+                               f"v{self.version.label} model", path=self.path, tensor=src.name)
+        for name, t in self.tensors.items():
+            n_src = int(np.prod(t.source.shape)) * (6 if name.endswith("x_rwkvag") else 1)
+            ok = (n_src == int(np.prod(t.shape))) if t.transformed else \
+                tuple(t.source.shape) == tuple(t.shape)
+            if not ok:
+                raise BadInput(f"shape {t.source.shape} does not match the expected {t.shape} "
+                               f"for RWKV v{self.version.label}", path=self.path,
+                               tensor=t.source.name, offset=t.source.offset)
+
+    # -- access -------------------------------------------------------------------------
+    def __iter__(self):
+        """Tensors in forward order."""
+        return iter(self.tensors.values())
+
+    def __getitem__(self, name: str) -> ModelTensor:
+        return self.tensors[name]
+
+    def source_order(self) -> list[str]:
+        """Canonical names in the checkpoint's own order (v7 x_* collapse into x_rwkvag)."""
+        order = []
+        for canon in self._by_canon:
+            if ".att.x_" in canon and canon.split(".")[-1] in _V7_MIX:
+                canon = canon.rsplit(".", 1)[0] + ".x_rwkvag"
+            if canon not in order:
+                order.append(canon)
+        return order
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def load_model(path) -> Model:
+    return Model(open_checkpoint(path))

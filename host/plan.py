@@ -1,0 +1,80 @@
+"""Which type each tensor gets: rwkv.cpp's rules by default, `--tensor-type GLOB=TYPE` on top."""
+from __future__ import annotations
+
+import fnmatch
+
+from formats.errors import BadInput, UsageError
+from formats.quants import QuantType, by_name
+
+from .model import Model, ModelTensor
+
+F32, F16 = by_name("F32"), by_name("F16")
+
+# rwkv.cpp's converter keeps these FP32 in an FP16 file (rwkv_spec.md section 1.4).
+_FP16_EXCLUDED = (".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0")
+# rwkv.cpp's quantizer never quantizes these 2-D tensors.
+_QUANT_EXCLUDED = ("att.v1", "att.v2", "att.g1", "att.g2", "att.a1", "att.a2", "att.w1",
+                   "att.w2", "att.r_k")
+
+
+def parse_overrides(specs) -> list[tuple[str, QuantType]]:
+    out = []
+    for spec in specs or ():
+        glob, sep, type_name = spec.partition("=")
+        if not sep or not glob or not type_name:
+            raise UsageError(f"--tensor-type expects GLOB=TYPE, got {spec!r}")
+        out.append((glob, by_name(type_name)))
+    return out
+
+
+def _fp16_rule(t: ModelTensor) -> bool:
+    return len(t.shape) > 1 and not any(s in t.name for s in _FP16_EXCLUDED)
+
+
+def _quantize_rule(t: ModelTensor) -> bool:
+    return (len(t.shape) == 2 and t.name not in ("emb.weight", "head.weight")
+            and not any(s in t.name for s in _QUANT_EXCLUDED))
+
+
+def _kept_type(t: ModelTensor) -> QuantType:
+    """The type a tensor keeps when the target does not apply to it: the source's, as rwkv.cpp
+    keeps it; a transformed or bf16 tensor takes what rwkv.cpp's converter would have written."""
+    src = t.source_type
+    if src in (F32, F16) or src.is_block:
+        return src
+    return F16 if _fp16_rule(t) else F32      # bf16 source
+
+
+def default_type(t: ModelTensor, target: QuantType) -> QuantType:
+    if target is F32:
+        return F32
+    if target is F16:
+        return F16 if _fp16_rule(t) else F32
+    if target.is_block:
+        return target if _quantize_rule(t) else _kept_type(t)
+    # BF16 target: like F16.
+    return target if _fp16_rule(t) else F32
+
+
+def make_plan(model: Model, quant: str | QuantType, overrides=()) -> dict[str, QuantType]:
+    """name -> type for every tensor, in forward order."""
+    target = quant if isinstance(quant, QuantType) else by_name(quant)
+    rules = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) \
+        else list(overrides)
+    plan = {t.name: default_type(t, target) for t in model}
+    used = set()
+    for t in model:
+        for glob, qtype in rules:
+            if fnmatch.fnmatchcase(t.name, glob):
+                plan[t.name] = qtype
+                used.add(glob)
+    for glob, _ in rules:
+        if glob not in used:
+            raise UsageError(f"--tensor-type {glob!r} matches no tensor of this model")
+    for t in model:
+        qtype = plan[t.name]
+        if qtype.is_block and t.shape[-1] % qtype.block_size:
+            raise BadInput(f"rows of {t.shape[-1]} elements cannot be stored as {qtype.name} "
+                           f"(blocks of {qtype.block_size}); choose another type for it with "
+                           f"--tensor-type", path=model.path, tensor=t.name)
+    return plan
