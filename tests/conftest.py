@@ -1,0 +1,47 @@
+"""Shared test set-up: where the external fixtures live, and how to run the CLI for real."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("RWKV_STREAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+# The tiny rwkv.cpp test models: name -> RWKV version label.
+MODELS = {"4v0-660K": "4", "5v1-730K": "5.1", "5v2-730K": "5.2", "6v0-3m": "6",
+          "7v0-834K": "7"}
+QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def fixture_path(*parts) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"fixture {path} is absent (set RWKV_STREAM_FIXTURES)")
+    return path
+
+
+def fp32_model(model: str) -> Path:
+    """The FP32 rwkv.cpp file of a tiny model (v6 exists only dequantized from Q5_1)."""
+    name = "tiny-rwkv-6v0-3m-FP32-from-Q5_1.bin" if model == "6v0-3m" \
+        else f"tiny-rwkv-{model}-FP32.bin"
+    return fixture_path("rwkv_cpp", name)
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.exists():
+        pytest.skip(f"fixtures folder {FIXTURES} is absent (set RWKV_STREAM_FIXTURES)")
+    return FIXTURES
+
+
+def run_cli(*args, input: bytes | None = None, check_status: int | None = None, cwd=None):
+    """Run `rwkv-stream` as a real subprocess; returns CompletedProcess with bytes output."""
+    proc = subprocess.run([sys.executable, "-m", "host.cli", *map(str, args)], input=input,
+                          capture_output=True, cwd=cwd or REPO, timeout=600)
+    if check_status is not None:
+        assert proc.returncode == check_status, (proc.returncode, proc.stderr.decode()[-2000:])
+    return proc
