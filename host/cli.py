@@ -38,6 +38,27 @@ def cmd_convert(args):
         print(f"wrote {args.output} ({result['format']}, {result['quant']})", file=sys.stderr)
 
 
+def cmd_validate(args):
+    from formats.errors import CheckFailed
+
+    from .stream.reader import validate
+    try:
+        result = validate(args.file, deep=args.deep)
+    except CheckFailed as e:
+        if not args.json:
+            raise
+        print(json.dumps(dict(ok=False, file=args.file, error=e.message, record=e.tensor,
+                              offset=e.offset), indent=1))
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"OK: {args.file}: stream {result['major']}.{result['minor']}, RWKV "
+              f"v{result['version']}, {result['tensors']} tensors, {result['bytes']:,} bytes"
+              + (", every value finite" if args.deep else ""))
+    return 0
+
+
 def cmd_synth(args):
     from formats.arch import RwkvVersion
     from formats.quants import by_name
@@ -88,9 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("-o", "--output", required=True, help="output file ('-' for stdout)")
     _add_quant(s, required=True)
-    s.add_argument("--format", choices=["rwkv.cpp"], help="output format, overriding the suffix")
+    s.add_argument("--format", choices=["rwkv.cpp", "stream"],
+                   help="output format, overriding the suffix (.bin = rwkv.cpp, .rwks = stream)")
     _add_json(s)
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("validate", help="check a stream file; explain the first problem",
+                       description="Check a stream's magic, versions, CRCs, record order "
+                                   "against the architecture, shapes against the header, types "
+                                   "against the table, sizes and the trailer index. Prints the "
+                                   "first error with its byte offset and record; exit 1 when the "
+                                   "stream is bad.")
+    s.add_argument("file")
+    s.add_argument("--deep", action="store_true",
+                   help="also dequantize every tensor and check each value is finite")
+    _add_json(s)
+    s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("synth", help="write a random, well-scaled checkpoint of any shape",
                        description="Write a random RWKV checkpoint (rwkv.cpp .bin) of any "
@@ -125,7 +159,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        args.func(args)
+        status = args.func(args)
     except RwkvStreamError as e:
         print(f"rwkv-stream: error: {e.line()}", file=sys.stderr)
         return e.exit_status
@@ -134,7 +168,7 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from .model import Model, load_model
 from .outputs import atomic_output
 from .plan import make_plan
 from .progress import progress_bar
+from .stream import VirtualStream
+from .stream.writer import write_stream
 
-FORMATS = {".bin": "rwkv.cpp"}
+FORMATS = {".bin": "rwkv.cpp", ".rwks": "stream"}
 
 
 def output_format(dst: str, explicit: str | None) -> str:
@@ -33,7 +35,11 @@ def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None =
     plan = make_plan(model, target, overrides)
     total = sum(t.source.nbytes for t in model)
     with progress_bar(total, f"convert -> {quant}") as bar, atomic_output(dst) as out:
-        write_bin(model, plan, target, out, progress=lambda t: bar.update(t.source.nbytes))
+        if fmt == "rwkv.cpp":
+            write_bin(model, plan, target, out, progress=lambda t: bar.update(t.source.nbytes))
+        else:
+            vs = VirtualStream(model, plan)
+            write_stream(vs, out, progress=lambda r: bar.update(model[r.name].source.nbytes))
     return dict(output=str(dst), format=fmt, quant=target.name,
                 types={n: q.name for n, q in plan.items()})
 

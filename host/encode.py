@@ -9,12 +9,29 @@ from formats.quants import QuantType
 from .model import ModelTensor
 
 
+def _passthrough(t: ModelTensor, qtype: QuantType) -> bool:
+    return not t.transformed and t.source.qtype is qtype
+
+
 def encode(t: ModelTensor, qtype: QuantType) -> np.ndarray:
     """uint8 bytes of `t` stored as `qtype`; source blocks of the same type pass through untouched."""
-    if not t.transformed and t.source.qtype is qtype:
-        return t.raw()
-    values = t.values()
+    return encode_rows(t, qtype, 0, t.n_rows)
+
+
+def encode_rows(t: ModelTensor, qtype: QuantType, r0: int, r1: int) -> np.ndarray:
+    """uint8 bytes of rows [r0, r1) of `t` stored as `qtype` (quantizing only those rows)."""
+    if _passthrough(t, qtype):
+        return t.raw_rows(r0, r1)
     try:
-        return qtype.quantize(values).reshape(-1)
+        return qtype.quantize(t.values_rows(r0, r1)).reshape(-1)
     except BadInput as e:
+        if e.tensor:
+            raise
         raise BadInput(e.message, path=t.source.path, tensor=t.name) from None
+
+
+def row_slices(t: ModelTensor, qtype: QuantType, max_bytes: int = 8 << 20):
+    """Row ranges whose float32 values stay under `max_bytes`: quantize big tensors piecewise."""
+    rows_per = max(1, max_bytes // (4 * t.shape[-1]))
+    for r0 in range(0, t.n_rows, rows_per):
+        yield r0, min(t.n_rows, r0 + rows_per)

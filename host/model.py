@@ -185,6 +185,30 @@ class ModelTensor:
         assert not self.transformed
         return self.source.raw()
 
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    def raw_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Source bytes of rows [r0, r1) (rows run along the last dimension)."""
+        rb = self.source.qtype.row_bytes(self.shape[-1])
+        return self.raw()[r0 * rb:r1 * rb]
+
+    def values_rows(self, r0: int, r1: int) -> np.ndarray:
+        """float32 values of rows [r0, r1) as (r1 - r0, row length), checked finite."""
+        cols = self.shape[-1]
+        if self.transformed:
+            x = self.values().reshape(-1, cols)[r0:r1]
+        else:
+            x = self.source.qtype.dequantize(self.raw_rows(r0, r1), (r1 - r0, cols))
+            if not np.isfinite(x).all():
+                idx = int(np.argmin(np.isfinite(x).reshape(-1))) + r0 * cols
+                offset = None if self.source.qtype.is_block else \
+                    self.source.offset + idx * self.source.qtype.block_bytes
+                raise BadInput(f"non-finite weight {x.reshape(-1)[idx - r0 * cols]} at element "
+                               f"{idx}", path=self.source.path, tensor=self.name, offset=offset)
+        return x
+
 
 class Model:
     """A checkpoint seen as rwkv.cpp's canonical model."""

@@ -20,6 +20,9 @@ def atomic_output(path):
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,139 @@
+"""The bytes a stream file would hold, produced on demand from a checkpoint.
+
+`read(offset, n)` quantizes only the tensors (or, for tensors larger than the cache, only the
+rows) that the range touches, keeping recently encoded tensors in a memory-capped cache.
+`chunks()` walks the whole stream front to back; the file writer and a serial host use it.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+from formats import stream as S
+
+from ..encode import encode_rows, row_slices
+from ..model import Model
+from .layout import RecordSpan, StreamLayout, record_header_bytes
+
+DEFAULT_CACHE = 64 << 20
+
+
+class VirtualStream:
+    def __init__(self, model: Model, plan, *, cache_bytes: int = DEFAULT_CACHE,
+                 with_index: bool = True, layout: StreamLayout | None = None):
+        self.model = model
+        self.layout = layout or StreamLayout.for_model(model, plan, with_index=with_index)
+        self.size = self.layout.total_size
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._crc: dict[str, int] = {}
+        self._tail = self.layout.end_record() + (self.layout.index_record()
+                                                 if self.layout.index_offset else b"")
+
+    # -- random access ------------------------------------------------------------------
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + n, self.size)
+        out = []
+        pos = offset
+        lay = self.layout
+        while pos < end:
+            if pos < lay.header_size:
+                stop = min(end, lay.header_size)
+                out.append(lay.header[pos:stop])
+            elif pos >= lay.end_offset:
+                stop = end
+                out.append(self._tail[pos - lay.end_offset:stop - lay.end_offset])
+            else:
+                rec = lay.record_at(pos)
+                stop = min(end, rec.end)
+                out.append(self._record_slice(rec, pos - rec.offset, stop - rec.offset))
+            pos = stop
+        return b"".join(out)
+
+    def _record_slice(self, rec: RecordSpan, a: int, b: int) -> bytes:
+        parts = []
+        h = S.RECORD_HEADER_SIZE
+        if a < h:
+            parts.append(self._record_header(rec)[a:min(b, h)])
+        pa, pb = max(a, h) - h, min(b, h + rec.data_size) - h
+        if pa < pb:
+            parts.append(bytes(self._payload(rec, pa, pb)))
+        ca, cb = max(a, h + rec.data_size), min(b, h + rec.data_size + 4)
+        if ca < cb:
+            crc = S.PayloadCrc.build(dict(data_crc=self.data_crc(rec)))
+            parts.append(crc[ca - h - rec.data_size:cb - h - rec.data_size])
+        za = max(a, h + rec.data_size + 4)
+        if za < b:
+            parts.append(bytes(b - za))
+        return b"".join(parts)
+
+    def _record_header(self, rec: RecordSpan) -> bytes:
+        return record_header_bytes(S.RecordKind.TENSOR, rec.index, rec.qtype.id, rec.shape,
+                                   rec.data_size)
+
+    def _payload(self, rec: RecordSpan, a: int, b: int) -> np.ndarray:
+        cached = self._cache.get(rec.name)
+        if cached is not None:
+            self._cache.move_to_end(rec.name)
+            return cached[a:b]
+        t = self.model[rec.name]
+        if rec.data_size <= self.cache_bytes:
+            data = encode_rows(t, rec.qtype, 0, t.n_rows)
+            self._remember(rec.name, data)
+            return data[a:b]
+        rb = rec.row_bytes
+        r0, r1 = a // rb, -(-b // rb)
+        return encode_rows(t, rec.qtype, r0, r1)[a - r0 * rb:b - r0 * rb]
+
+    def _remember(self, name: str, data: np.ndarray) -> None:
+        self._crc[name] = S.crc32(data)
+        self._cache[name] = data
+        self._cached_bytes += data.size
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.size
+
+    def data_crc(self, rec: RecordSpan) -> int:
+        if rec.name not in self._crc:
+            crc = 0
+            for _, chunk in self._encoded_pieces(rec):
+                crc = zlib.crc32(chunk, crc)
+            self._crc[rec.name] = crc & 0xFFFFFFFF
+        return self._crc[rec.name]
+
+    def _encoded_pieces(self, rec: RecordSpan):
+        """(row range, bytes) pieces of a record's payload, front to back."""
+        cached = self._cache.get(rec.name)
+        if cached is not None:
+            yield (0, rec.n_rows), cached
+            return
+        t = self.model[rec.name]
+        if rec.data_size <= self.cache_bytes:
+            yield (0, rec.n_rows), self._payload(rec, 0, rec.data_size)
+            return
+        for r0, r1 in row_slices(t, rec.qtype):
+            yield (r0, r1), encode_rows(t, rec.qtype, r0, r1)
+
+    # -- sequential -------------------------------------------------------------------------
+    def chunks(self, progress=None):
+        """The whole stream, front to back, in pieces (bytes-like); each tensor encoded once."""
+        lay = self.layout
+        yield lay.header
+        for rec in lay.records:
+            yield self._record_header(rec)
+            crc = 0
+            for _, piece in self._encoded_pieces(rec):
+                crc = zlib.crc32(piece, crc)
+                yield memoryview(piece)
+            crc &= 0xFFFFFFFF
+            self._crc[rec.name] = crc
+            yield S.PayloadCrc.build(dict(data_crc=crc))
+            yield bytes(rec.end - rec.data_offset - rec.data_size - 4)
+            if progress is not None:
+                progress(rec)
+        yield self._tail
