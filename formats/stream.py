@@ -119,5 +119,8 @@ PayloadCrc = Struct("data_crc" / Int32ul)
 # The INDEX record's payload: the absolute offset of every tensor record, then of the END record.
 IndexEntry = Struct("offset" / Int64ul)
 
+# Compiled twins for hot loops (validate walks thousands of record headers); same schema.
+RecordHeaderFast = RecordHeader.compile()
+
 RECORD_HEADER_SIZE = RecordHeader.sizeof()
 TYPE_ENTRY_SIZE = TypeEntry.sizeof()

@@ -143,7 +143,7 @@ class StreamFile:
             self._fail(f"truncated: the stream ends inside the record header of {what}",
                        off, what)
         try:
-            return S.RecordHeader.parse(bytes(self.buf[off:off + S.RECORD_HEADER_SIZE])).fields.value
+            return S.RecordHeaderFast.parse(bytes(self.buf[off:off + S.RECORD_HEADER_SIZE])).fields.value
         except construct.ChecksumError:
             self._fail("record header CRC-32 mismatch", off, what)
 
@@ -260,8 +260,11 @@ class StreamFile:
         return np.frombuffer(self.buf, np.uint8, rec.data_size, rec.data_offset)
 
     def close(self):
-        self.buf.release()
-        self._mm.close()
+        try:
+            self.buf.release()
+            self._mm.close()
+        except BufferError:
+            pass        # arrays handed out still view the map; the GC closes it after them
 
 
 def validate(path, deep: bool = False) -> dict:
