@@ -88,6 +88,16 @@ class StreamFile:
         if actual != header_size:
             self._fail(f"header_size says {header_size} bytes but the header's tables take "
                        f"{actual}", 8)
+        # Stream 1.0 gives no meaning to these; a non-zero value is a stream we cannot read right.
+        if f.flags or f.reserved0 or f.reserved1:
+            self._fail("reserved header fields are not zero", 14)
+        for i, entry in enumerate(f.types):
+            if entry.flags or entry.reserved or entry.param0 or entry.param1:
+                self._fail(f"type entry {entry.name!r} has flags or parameters this tool does "
+                           "not know", 112 + S.TYPE_ENTRY_SIZE * i)
+        plan_end = 112 + S.TYPE_ENTRY_SIZE * len(f.types) + len(f.plan)
+        if any(buf[plan_end:len(h.fields.data)]) or any(buf[len(h.fields.data) + 4:header_size]):
+            self._fail("header padding is not zero", plan_end)
         return f
 
     def _hparams(self) -> HParams:
@@ -203,7 +213,10 @@ class StreamFile:
             if h.type != q.id:
                 self._fail(f"record type id {h.type} differs from the header's plan ({q.name})",
                            off + 4, name)
-            shape = tuple(h.dims[:h.ndim]) if 1 <= h.ndim <= 3 else None
+            if h.flags or h.reserved:
+                self._fail("record flags this tool does not know", off + 6, name)
+            shape = tuple(h.dims[:h.ndim]) if 1 <= h.ndim <= 3 and \
+                all(d == 1 for d in h.dims[h.ndim:]) else None
             if shape != self.shapes[name]:
                 self._fail(f"shape {shape} does not match {self.shapes[name]} implied by the "
                            "header", off + 8, name)
