@@ -94,6 +94,21 @@ class QuantType:
                            f"got {raw.size}")
         return self._dequantize(raw).reshape(shape)
 
+    # -- what a board runs (the simulator reaches the kernels through these) -------------------
+    def dequantize_into(self, buf: np.ndarray, out: np.ndarray) -> None:
+        """Whole blocks in `buf` -> float32 `out`, without allocating."""
+        kernels.dequantize_into(self.id, buf, out)
+
+    def prepare_activation(self, int8_mode: bool, x, xf, xq, xd, xs) -> None:
+        """The matmul input in the form this type's dot needs (float, fp16-rounded, Q8_0, Q8_1)."""
+        kernels.prepare_activation(self.id, int8_mode, x, xf, xq, xd, xs)
+
+    def matvec_blocks(self, int8_mode: bool, buf, n_blocks: int, first_block: int,
+                      blocks_per_row: int, xf, xq, xd, xs, out) -> None:
+        """out[row] += dot(block, input) for a run of whole blocks of a row-major matrix."""
+        kernels.matvec_blocks(self.id, int8_mode, buf, n_blocks, first_block, blocks_per_row,
+                              xf, xq, xd, xs, out)
+
 
 TYPES: tuple[QuantType, ...] = (
     QuantType("F32", 0, 0, 1, 4, _f32_quantize, _f32_dequantize),

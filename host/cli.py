@@ -59,6 +59,17 @@ def cmd_validate(args):
     return 0
 
 
+def cmd_run(args):
+    from .run_cmd import run
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"[{result['prompt_tokens']} prompt + {len(result['generated'])} generated tokens, "
+              f"{result['tokens_per_second']} tokens/s, {result['bytes_read_per_token']:,} bytes "
+              f"read per token, RAM {result['ram_needed']:,} bytes]", file=sys.stderr)
+
+
 def cmd_synth(args):
     from formats.arch import RwkvVersion
     from formats.quants import by_name
@@ -82,7 +93,13 @@ def cmd_bench(args):
     if args.what == "quantize":
         from .bench_quantize import format_table, run
         rows = run(size=args.size, repeat=args.repeat)
-        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    elif args.what == "convert":
+        from .bench_convert import format_table, run
+        rows = run()
+    else:
+        from .bench_run import format_table, run
+        rows = run(repeat=args.repeat)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(s)
     s.set_defaults(func=cmd_validate)
 
+    s = sub.add_parser("run", help="run a model on a simulated board",
+                       description="Run a model on a simulated board with a fixed RAM budget, "
+                                   "reading the stream front to back through a chunk buffer. "
+                                   "MODEL is a stream (.rwks) or any checkpoint, quantized on the "
+                                   "fly with --quant. The prompt is fed one token at a time; then "
+                                   "N tokens are generated greedily.")
+    s.add_argument("model", metavar="MODEL")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text (byte-level tokenizer for vocabulary 256)")
+    g.add_argument("--prompt-file", help="file whose bytes are the prompt")
+    g.add_argument("--prompt-tokens", help="comma-separated token ids")
+    s.add_argument("-n", type=int, default=0, help="tokens to generate (greedy)")
+    s.add_argument("--mode", choices=["float", "int8"], default="float",
+                   help="float: activations stay float32; int8: Q8 activations and integer "
+                        "dot products, as an MCU (and rwkv.cpp) computes")
+    _add_quant(s)
+    s.add_argument("--ram", type=int, help="the board's RAM budget in bytes (default: exactly "
+                                           "what the model needs)")
+    s.add_argument("--chunk", type=int, default=4096, help="chunk buffer bytes (default 4096)")
+    s.add_argument("--no-crc", action="store_true",
+                   help="do not check payload CRCs on every pass (faster)")
+    s.add_argument("--logits-out", metavar="FILE.npy",
+                   help="save the logits after every prompt token (T x n_vocab float32)")
+    s.add_argument("--state-in", metavar="F", help="start from this state (flat float32)")
+    s.add_argument("--state-out", metavar="F", help="save the final state (flat float32)")
+    _add_json(s)
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("synth", help="write a random, well-scaled checkpoint of any shape",
                        description="Write a random RWKV checkpoint (rwkv.cpp .bin) of any "
                                    "shape, e.g. RWKV-4 169M: --arch v4 --n-embd 768 "
@@ -144,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    s.add_argument("what", choices=["quantize"])
+    s.add_argument("what", choices=["quantize", "convert", "run"],
+                   help="quantize: kernels vs gguf-py; convert: checkpoint -> stream vs the bare "
+                        "quantizer, and peak memory; run: simulated-board tokens/s vs a dense "
+                        "numpy forward")
     s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
     s.add_argument("--repeat", type=int, default=3)
     _add_json(s)

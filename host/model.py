@@ -44,15 +44,21 @@ class ModelTensor:
     def values(self) -> np.ndarray:
         """float32 values in the stored shape; refuses NaN/Inf with the offending element."""
         x = np.asarray(self._compute(), dtype=np.float32).reshape(self.shape)
-        finite = np.isfinite(x)
-        if not finite.all():
-            idx = int(np.argmin(finite.reshape(-1)))
-            offset = None
-            if not self.transformed and not self.source.qtype.is_block:
-                offset = self.source.offset + idx * self.source.qtype.block_bytes
-            raise BadInput(f"non-finite weight {x.reshape(-1)[idx]} at element {idx}",
-                           path=self.source.path, tensor=self.name, offset=offset)
+        self._check_finite(x, 0)
         return x
+
+    def _check_finite(self, x: np.ndarray, first: int) -> None:
+        # A float64 sum of float32 values cannot overflow, so it is finite iff every value is:
+        # one cheap pass instead of a boolean mask over the tensor.
+        if np.isfinite(np.sum(x, dtype=np.float64)):
+            return
+        flat = x.reshape(-1)
+        idx = int(np.argmin(np.isfinite(flat)))
+        offset = None
+        if not self.transformed and not self.source.qtype.is_block:
+            offset = self.source.offset + (first + idx) * self.source.qtype.block_bytes
+        raise BadInput(f"non-finite weight {flat[idx]} at element {first + idx}",
+                       path=self.source.path, tensor=self.name, offset=offset)
 
     def raw(self) -> np.ndarray:
         """The source bytes, valid only for an untransformed tensor."""
@@ -75,12 +81,7 @@ class ModelTensor:
             x = self.values().reshape(-1, cols)[r0:r1]
         else:
             x = self.source.qtype.dequantize(self.raw_rows(r0, r1), (r1 - r0, cols))
-            if not np.isfinite(x).all():
-                idx = int(np.argmin(np.isfinite(x).reshape(-1))) + r0 * cols
-                offset = None if self.source.qtype.is_block else \
-                    self.source.offset + idx * self.source.qtype.block_bytes
-                raise BadInput(f"non-finite weight {x.reshape(-1)[idx - r0 * cols]} at element "
-                               f"{idx}", path=self.source.path, tensor=self.name, offset=offset)
+            self._check_finite(x, r0 * cols)
         return x
 
 

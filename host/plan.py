@@ -56,12 +56,12 @@ def default_type(t: ModelTensor, target: QuantType) -> QuantType:
     return target if _fp16_rule(t) else F32
 
 
-def make_plan(model: Model, quant: str | QuantType, overrides=()) -> dict[str, QuantType]:
-    """name -> type for every tensor, in forward order."""
-    target = quant if isinstance(quant, QuantType) else by_name(quant)
+def make_plan(model: Model, quant: str | QuantType | None, overrides=()) -> dict[str, QuantType]:
+    """name -> type for every tensor, in forward order. quant None keeps the source's types."""
+    target = quant if isinstance(quant, QuantType) or quant is None else by_name(quant)
     rules = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) \
         else list(overrides)
-    plan = {t.name: default_type(t, target) for t in model}
+    plan = {t.name: default_type(t, target) if target else t.source_type for t in model}
     used = set()
     for t in model:
         for glob, qtype in rules:

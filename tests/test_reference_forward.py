@@ -24,7 +24,7 @@ try:
 except ImportError:  # tests/ is not a package and only tests/ is on sys.path
     from reference_forward import ReferenceRWKV, detect_version, layer_norm, sigmoid
 
-FIXTURES = Path(os.environ.get("RWKV_STREAM_FIXTURES", "/work/shared/fixtures"))
+from conftest import FIXTURES  # noqa: E402
 PROMPT_3 = b'"in'
 PROMPT_49 = b'The quick brown fox jumps over the lazy dog. "in\n'
 TOL = 1e-4

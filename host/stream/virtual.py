@@ -126,11 +126,13 @@ class VirtualStream:
         yield lay.header
         for rec in lay.records:
             yield self._record_header(rec)
+            known = self._crc.get(rec.name)
             crc = 0
             for _, piece in self._encoded_pieces(rec):
-                crc = zlib.crc32(piece, crc)
+                if known is None:
+                    crc = zlib.crc32(piece, crc)
                 yield memoryview(piece)
-            crc &= 0xFFFFFFFF
+            crc = self._crc.get(rec.name, crc & 0xFFFFFFFF)
             self._crc[rec.name] = crc
             yield S.PayloadCrc.build(dict(data_crc=crc))
             yield bytes(rec.end - rec.data_offset - rec.data_size - 4)

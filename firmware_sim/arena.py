@@ -1,0 +1,136 @@
+"""The board's memory: every buffer carved from one arena at start-up, checked against the budget.
+
+`buffer_plan` is the one place that decides what a board holds in RAM, with each buffer's shape;
+`Arena` places them (fast SRAM first, PSRAM for what may live there) or says what is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from formats.arch import HParams, RwkvVersion as V
+from formats.errors import RwkvStreamError
+
+ALIGN = 16
+
+
+class BudgetExceeded(RwkvStreamError):
+    """The model's buffers do not fit the board's RAM."""
+
+
+# Parameter vectors a layer holds at once, and token-shift-mixed inputs, per version.
+PARAM_ROWS = {V.V4: 7, V.V5_1: 9, V.V5_2: 10, V.V6: 12, V.V7: 16}
+MIX_ROWS = {V.V4: 3, V.V5_1: 3, V.V5_2: 4, V.V6: 5, V.V7: 6}
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    psram_ok: bool        # may live in slower external RAM
+    what: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def lora_width(hp: HParams) -> int:
+    r = hp.lora
+    if hp.version is V.V6:
+        return max(5 * r.get("maa", 0), r.get("decay", 0))
+    if hp.version is V.V7:
+        return max(r.get(k, 0) for k in "wavg")
+    return 0
+
+
+def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True) -> list[BufferSpec]:
+    C, F, Vn = hp.n_embd, hp.ffn_size, hp.n_vocab
+    lw = lora_width(hp)
+    n_act = max(C, F, lw)
+    blocks = -(-n_act // 32)
+    plan = [
+        BufferSpec("header", "u1", (112,), False, "the stream header's fixed fields"),
+        BufferSpec("chunk", "u1", (chunk_bytes,), False, "chunk buffer the stream is read through"),
+        BufferSpec("x", "f4", (C,), False, "residual stream"),
+        BufferSpec("xn", "f4", (C,), False, "layer-normed input of the current block"),
+        BufferSpec("delta", "f4", (C,), False, "token shift: previous normed input minus current"),
+        BufferSpec("par", "f4", (PARAM_ROWS[hp.version], C), False,
+                   "the layer's parameter vectors (norms, mixes, decays)"),
+        BufferSpec("mix", "f4", (MIX_ROWS[hp.version], C), False,
+                   "token-shift-mixed inputs (r, w, k, v, a, g as the version has them)"),
+        BufferSpec("proj", "f4", (8, C), False, "projections r, k, v, g, w, a, kk, y"),
+        BufferSpec("tmp", "f4", (C,), False, "matmul output before the residual add"),
+        BufferSpec("hidden", "f4", (F,), False, "channel-mix hidden layer"),
+        BufferSpec("act_f", "f4", (n_act,), False, "matmul input as the weight type needs it"),
+        BufferSpec("act_q", "i1", (blocks * 32,), False, "matmul input quantized to Q8 (int8 mode)"),
+        BufferSpec("act_d", "f4", (blocks,), False, "Q8 block scales of the matmul input"),
+        BufferSpec("act_s", "f4", (blocks,), False, "Q8_1 block sums of the matmul input"),
+    ]
+    if lw:
+        plan.append(BufferSpec("lora", "f4", (lw,), False, "LoRA hidden values"))
+    if hp.version is V.V7:
+        plan.append(BufferSpec("v_first", "f4", (C,), False, "layer 0's value vector"))
+    plan.append(BufferSpec("state", "f4", (hp.state_floats,), True,
+                           "recurrent state (rwkv.cpp's layout)"))
+    if logits:
+        plan.append(BufferSpec("logits", "f4", (Vn,), True, "logits"))
+    return plan
+
+
+def _aligned(n: int) -> int:
+    return n + (-n) % ALIGN
+
+
+def required_bytes(plan: list[BufferSpec]) -> int:
+    return sum(_aligned(b.nbytes) for b in plan)
+
+
+class Arena:
+    """One block of SRAM (and optionally PSRAM) holding every buffer in `plan`."""
+
+    def __init__(self, plan: list[BufferSpec], ram: int, psram: int = 0):
+        self.plan = plan
+        self.ram, self.psram = ram, psram
+        self.sram = np.zeros(ram, np.uint8)
+        self.ext = np.zeros(psram, np.uint8) if psram else None
+        self.where: dict[str, tuple[str, int, int]] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        used = {"sram": 0, "psram": 0}
+        # Hot buffers first in SRAM; what may live in PSRAM goes there only when SRAM is full.
+        for spec in sorted(plan, key=lambda b: b.psram_ok):
+            size = _aligned(spec.nbytes)
+            region = "sram"
+            if used["sram"] + size > ram:
+                if spec.psram_ok and used["psram"] + size <= psram:
+                    region = "psram"
+                else:
+                    raise BudgetExceeded(self._shortfall(ram, psram))
+            mem = self.sram if region == "sram" else self.ext
+            off = used[region]
+            view = mem[off:off + spec.nbytes].view(np.dtype(spec.dtype)).reshape(spec.shape)
+            self.buffers[spec.name] = view
+            self.where[spec.name] = (region, off, spec.nbytes)
+            used[region] = off + size
+        self.used = used
+
+    def _shortfall(self, ram: int, psram: int) -> str:
+        need = required_bytes(self.plan)
+        hot = sum(_aligned(b.nbytes) for b in self.plan if not b.psram_ok)
+        parts = ", ".join(f"{b.name} {b.nbytes:,}" for b in sorted(self.plan, key=lambda b:
+                                                                   -b.nbytes)[:4])
+        where = f"{ram:,} bytes of RAM" + (f" + {psram:,} of PSRAM" if psram else "")
+        if psram and hot <= ram:
+            return (f"the board needs {hot:,} bytes of RAM plus {need - hot:,} that may live "
+                    f"in PSRAM ({parts}, ...); it has {where}")
+        return (f"the board needs {need:,} bytes of RAM ({parts}, ...); it has {where}: "
+                f"give at least --ram {need}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.buffers[name]
+
+    def ram_map(self) -> list[dict]:
+        return [dict(name=s.name, region=self.where[s.name][0], offset=self.where[s.name][1],
+                     bytes=s.nbytes, shape=list(s.shape), what=s.what) for s in self.plan]

@@ -1,0 +1,289 @@
+"""A board in software: reads a stream front to back through one chunk buffer, in fixed RAM.
+
+The board parses the stream the way a C board does, from the plain offsets and sizes in
+formats/board_constants.py (never through construct), checks every record header and (by
+default) every payload CRC as the bytes pass, and keeps only the buffers `arena.buffer_plan`
+lists. The forward pass (forward.py) asks for tensors in stream order through `vector`,
+`matvec` and `matvec_parts`.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from formats import board_constants as K
+from formats.arch import HParams, RwkvVersion, expected_shapes, forward_order
+from formats.errors import BadInput
+from formats.quants import QuantType, by_id
+
+from .arena import Arena, buffer_plan, required_bytes
+
+MIN_CHUNK = K.RECORD_HEADER_SIZE   # and at least one block of every type the stream uses
+
+
+def _u(buf, field, fmt="<I"):
+    return struct.unpack_from(fmt, buf, K.HEADER_OFFSETS[field])[0]
+
+
+class StreamInfo:
+    """What a board learns from a stream's header."""
+
+    def __init__(self, hp: HParams, types: dict[int, QuantType], header_size: int,
+                 emb_offset: int, emb_row_bytes: int, tokenizer: int):
+        self.hparams = hp
+        self.types = types
+        self.header_size = header_size
+        self.emb_offset = emb_offset
+        self.emb_row_bytes = emb_row_bytes
+        self.tokenizer = tokenizer
+        self.names = forward_order(hp)
+        self.shapes = expected_shapes(hp)
+        emb_data = emb_row_bytes * hp.n_vocab
+        end = emb_offset + emb_data + K.RECORD_CRC_SIZE
+        self.after_embedding = end + (-end) % K.ALIGN
+
+
+def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
+    """Parse and check the header: its fixed part into `fixed` (HEADER_FIXED_SIZE bytes), the
+    tables through `buf` (at least MIN_CHUNK bytes)."""
+    source.seek(0)
+    source.readinto(fixed)
+    crc = zlib.crc32(fixed)
+    if bytes(fixed[:4]) != K.STREAM_MAGIC:
+        raise BadInput(f"not a stream (magic {bytes(fixed[:4])!r})", offset=0)
+    major = _u(fixed, "major", "<H")
+    if major != K.STREAM_MAJOR:
+        raise BadInput(f"stream major version {major}; this board reads {K.STREAM_MAJOR}",
+                       offset=K.HEADER_OFFSETS["major"])
+    try:
+        version = RwkvVersion(_u(fixed, "arch", "<B"))
+    except ValueError:
+        raise BadInput(f"unknown architecture code {_u(fixed, 'arch', '<B')}",
+                       offset=K.HEADER_OFFSETS["arch"]) from None
+    lora = {RwkvVersion.V6: dict(maa=_u(fixed, "lora_maa"), decay=_u(fixed, "lora_decay")),
+            RwkvVersion.V7: {k: _u(fixed, "lora_" + k) for k in "wavg"}}.get(version, {})
+    hp = HParams(version, _u(fixed, "n_vocab"), _u(fixed, "n_embd"), _u(fixed, "n_layer"),
+                 _u(fixed, "ffn_size"), _u(fixed, "n_head"), _u(fixed, "head_size"), lora)
+    n_types, n_tensors = _u(fixed, "n_types", "<H"), _u(fixed, "n_tensors")
+    if n_tensors != len(forward_order(hp)):
+        raise BadInput(f"header lists {n_tensors} tensors, RWKV v{version.label} has "
+                       f"{len(forward_order(hp))}", offset=K.HEADER_OFFSETS["n_tensors"])
+    types = {}
+    entry = buf[:K.TYPE_ENTRY_SIZE]
+    for i in range(n_types):
+        source.readinto(entry)
+        crc = zlib.crc32(entry, crc)
+        type_id = int(entry[K.TYPE_ENTRY_OFFSETS["id"]])
+        name = bytes(entry[8:8 + K.TYPE_NAME_SIZE]).rstrip(b"\0").decode("ascii", "replace")
+        try:
+            q = by_id(type_id)
+        except BadInput:
+            q = None
+        bs, bb = struct.unpack_from("<HH", entry, K.TYPE_ENTRY_OFFSETS["block_size"])
+        if q is None or (q.block_size, q.block_bytes) != (bs, bb):
+            raise BadInput(f"the stream uses type {name!r} (id {type_id}), which this board "
+                           "does not implement", offset=K.HEADER_FIXED_SIZE + i * K.TYPE_ENTRY_SIZE)
+        types[type_id] = q
+    rest = n_tensors + (-n_tensors) % 4           # the per-tensor plan: a board needs only CRC it
+    while rest:
+        piece = buf[:min(rest, len(buf))]
+        source.readinto(piece)
+        crc = zlib.crc32(piece, crc)
+        rest -= len(piece)
+    stored = buf[:4]
+    source.readinto(stored)
+    if struct.unpack("<I", stored)[0] != crc & 0xFFFFFFFF:
+        raise BadInput("header CRC-32 mismatch", offset=source.pos - 4)
+    header_size = _u(fixed, "header_size")
+    return StreamInfo(hp, types, header_size, _u(fixed, "emb_offset", "<Q"),
+                      _u(fixed, "emb_row_bytes"), _u(fixed, "tokenizer", "<B"))
+
+
+class Board:
+    """A simulated board: RAM budget, chunk buffer, recurrent state, and a stream source."""
+
+    def __init__(self, source, *, ram: int | None = None, psram: int = 0, chunk: int = 4096,
+                 mode: str = "float", logits: bool = True, check_crc: bool = True):
+        if chunk < MIN_CHUNK:
+            raise BadInput(f"--chunk {chunk} is below the minimum of {MIN_CHUNK} bytes (a "
+                           "record header)")
+        if mode not in ("float", "int8"):
+            raise BadInput(f"--mode must be float or int8, not {mode!r}")
+        self.source = source
+        self.int8 = mode == "int8"
+        self.check_crc = check_crc
+        # A C board parses the header into a static struct before it carves its arena; the
+        # same bytes are counted in the arena as the `header` buffer.
+        staging = np.zeros(chunk, np.uint8)
+        self.info = read_stream_info(source, np.zeros(K.HEADER_FIXED_SIZE, np.uint8), staging)
+        self.hp = self.info.hparams
+        largest = max(q.block_bytes for q in self.info.types.values())
+        if chunk < largest:
+            raise BadInput(f"--chunk {chunk} cannot hold one {largest}-byte block of this "
+                           "stream's types")
+        self.buffer_plan = buffer_plan(self.hp, chunk, logits)
+        self.ram_needed = required_bytes(self.buffer_plan)
+        self.arena = Arena(self.buffer_plan, self.ram_needed if ram is None else ram, psram)
+        self.chunk = self.arena["chunk"]
+        self.emb_type = self._read_embedding_header()
+        self.tokens = 0
+        self.reset()
+
+    # -- state --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """rwkv.cpp's initial state: zeros, except v4's pp = -1e30."""
+        state = self.arena["state"]
+        state[:] = 0
+        if self.hp.version is RwkvVersion.V4:
+            state.reshape(self.hp.n_layer, 5, -1)[:, 4, :] = -1e30
+
+    @property
+    def state(self) -> np.ndarray:
+        return self.arena["state"]
+
+    def load_state(self, values) -> None:
+        values = np.asarray(values, np.float32).reshape(-1)
+        if values.size != self.state.size:
+            raise BadInput(f"state has {values.size} floats; this model's has {self.state.size}")
+        self.state[:] = values
+
+    # -- reading the stream -------------------------------------------------------------------
+    def start_pass(self) -> None:
+        self._next = 0
+
+    def read_embedding(self, token: int, out: np.ndarray) -> None:
+        """out = emb[token]: one row, at an offset the header gives; then skip the record."""
+        if not 0 <= token < self.hp.n_vocab:
+            raise BadInput(f"token {token} is outside the vocabulary (0..{self.hp.n_vocab - 1})")
+        q = self.emb_type
+        row = self.info.emb_row_bytes
+        self.source.seek(self.info.emb_offset + token * row)
+        self._read_blocks_into(q, self.hp.n_embd // q.block_size, out, crc=False)
+        self.source.seek(self.info.after_embedding)
+        self._next = 1
+
+    def _read_embedding_header(self) -> QuantType:
+        """The embedding's record header, read once at start-up: its type sizes every row."""
+        self.source.seek(self.info.header_size)
+        head = self.chunk[:K.RECORD_HEADER_SIZE]
+        self.source.readinto(head)
+        q, size = self._check_record_header(head, 0, self.info.header_size)
+        if self.info.emb_offset != self.info.header_size + K.RECORD_HEADER_SIZE or \
+                self.info.emb_row_bytes != q.row_bytes(self.hp.n_embd):
+            raise BadInput("the header's embedding offset or row size disagrees with the "
+                           "embedding record", offset=K.HEADER_OFFSETS["emb_offset"])
+        return q
+
+    def _check_record_header(self, head, index, offset):
+        name = self.info.names[index]
+        if struct.unpack_from("<I", head, 28)[0] != zlib.crc32(head[:28]) & 0xFFFFFFFF:
+            raise BadInput("record header CRC-32 mismatch", offset=offset, tensor=name)
+        kind, tensor, type_id, ndim = struct.unpack_from("<HHBB", head, 0)
+        if kind != K.KIND_TENSOR or tensor != index:
+            raise BadInput(f"expected the record of tensor {index}, found kind {kind} tensor "
+                           f"{tensor}", offset=offset, tensor=name)
+        if type_id not in self.info.types:
+            raise BadInput(f"type id {type_id} is not in the stream's type table", offset=offset,
+                           tensor=name)
+        dims = struct.unpack_from("<3I", head, K.RECORD_OFFSETS["dims"])
+        if tuple(dims[:ndim]) != self.info.shapes[name]:
+            raise BadInput(f"shape {dims[:ndim]} where {self.info.shapes[name]} belongs",
+                           offset=offset, tensor=name)
+        return self.info.types[type_id], struct.unpack_from("<I", head, 20)[0]
+
+    def _begin(self, suffix: str) -> QuantType:
+        index = self._next
+        name = self.info.names[index]
+        assert name.endswith(suffix), (name, suffix)   # forward code follows forward_order
+        head = self.chunk[:K.RECORD_HEADER_SIZE]
+        while True:
+            offset = self.source.pos
+            self.source.readinto(head)
+            kind, = struct.unpack_from("<H", head, 0)
+            if kind < K.KIND_OPTIONAL_MIN:
+                break
+            size, = struct.unpack_from("<I", head, 20)          # optional record: skip it
+            end = offset + K.RECORD_HEADER_SIZE + size + K.RECORD_CRC_SIZE
+            self.source.seek(end + (-end) % K.ALIGN)
+        q, size = self._check_record_header(head, index, offset)
+        self._record = (name, offset, size)
+        self._crc = 0
+        self._next += 1
+        return q
+
+    def _blocks(self, q: QuantType, n_blocks: int, crc: bool = True):
+        """Yield (chunk view, block count) runs of whole blocks, as many as the chunk holds."""
+        per = len(self.chunk) // q.block_bytes
+        while n_blocks:
+            nb = min(per, n_blocks)
+            view = self.chunk[:nb * q.block_bytes]
+            self.source.readinto(view)
+            if crc and self.check_crc:
+                self._crc = zlib.crc32(view, self._crc)
+            yield view, nb
+            n_blocks -= nb
+
+    def _end(self) -> None:
+        name, offset, size = self._record
+        end = offset + K.RECORD_HEADER_SIZE + size + K.RECORD_CRC_SIZE
+        tail = self.chunk[:K.RECORD_CRC_SIZE + (-end) % K.ALIGN]
+        self.source.readinto(tail)
+        if self.check_crc and struct.unpack_from("<I", tail)[0] != self._crc & 0xFFFFFFFF:
+            raise BadInput("payload CRC-32 mismatch", offset=offset + K.RECORD_HEADER_SIZE,
+                           tensor=name)
+
+    def _read_blocks_into(self, q: QuantType, n_blocks: int, out: np.ndarray, crc=True):
+        pos = 0
+        for view, nb in self._blocks(q, n_blocks, crc):
+            q.dequantize_into(view, out[pos:pos + nb * q.block_size])
+            pos += nb * q.block_size
+
+    def vector(self, suffix: str, out: np.ndarray) -> np.ndarray:
+        """Read the next tensor (a small one) whole into `out` (flattened)."""
+        q = self._begin(suffix)
+        n = int(np.prod(self.info.shapes[self._record[0]]))
+        out = out.reshape(-1)[:n]
+        self._read_blocks_into(q, n // q.block_size, out)
+        self._end()
+        return out
+
+    def matvec(self, suffix: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = W @ x, W the next tensor, streamed row by row through the chunk buffer."""
+        return self.matvec_parts(suffix, [(x, out)])[0]
+
+    def matvec_parts(self, suffix: str, parts) -> list:
+        """The next tensor as consecutive row groups, each with its own input: out_i = W_i @ x_i."""
+        q = self._begin(suffix)
+        shape = self.info.shapes[self._record[0]]
+        assert sum(len(o) for _, o in parts) == int(np.prod(shape[:-1])), (shape, suffix)
+        for x, out in parts:
+            assert len(x) == shape[-1], (len(x), shape)
+            self._matvec_rows(q, x, out)
+        self._end()
+        return [o for _, o in parts]
+
+    def _matvec_rows(self, q: QuantType, x: np.ndarray, out: np.ndarray) -> None:
+        a = self.arena
+        n = len(x)
+        xf, xq = a["act_f"][:n], a["act_q"][:-(-n // 32) * 32]
+        xd, xs = a["act_d"], a["act_s"]
+        q.prepare_activation(self.int8, x, xf, xq, xd, xs)
+        out[:] = 0
+        bpr = n // q.block_size
+        first = 0
+        for view, nb in self._blocks(q, len(out) * bpr):
+            q.matvec_blocks(self.int8, view, nb, first, bpr, xf, xq, xd, xs, out)
+            first += nb
+
+    # -- the model ---------------------------------------------------------------------------
+    def eval(self, token: int) -> np.ndarray:
+        """One token through the model; returns the logits buffer (valid until the next call)."""
+        from .forward import forward_token
+        forward_token(self, token)
+        self.tokens += 1
+        return self.arena["logits"]
+
+    def close(self) -> None:
+        self.source.close()
