@@ -39,10 +39,12 @@ def _quantize_rule(t: ModelTensor) -> bool:
 def _kept_type(t: ModelTensor) -> QuantType:
     """The type a tensor keeps when the target does not apply to it: the source's, as rwkv.cpp
     keeps it; a transformed or bf16 tensor takes what rwkv.cpp's converter would have written."""
-    src = t.source_type
-    if src in (F32, F16) or src.is_block:
-        return src
-    return F16 if _fp16_rule(t) else F32      # bf16 source
+    stored = t.source.qtype                   # the checkpoint's own type, before transforms
+    if not t.transformed and (stored in (F32, F16) or stored.is_block):
+        return stored
+    if stored is F32:
+        return F32
+    return F16 if _fp16_rule(t) else F32      # a 16-bit source, as the FP16 converter writes
 
 
 def default_type(t: ModelTensor, target: QuantType) -> QuantType:
