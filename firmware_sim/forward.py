@@ -47,7 +47,8 @@ def _residual(b, name: str, y) -> None:
     """x += W_out @ y"""
     tmp = b.arena["tmp"]
     b.matvec(name, y, tmp)
-    b.arena["x"] += tmp
+    x = b.arena["x"]
+    x += tmp
 
 
 # -- RWKV-4 -----------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def channel_mix_v4(b, i, st):
     tmp = a["tmp"]
     b.matvec(p + "value.weight", h, tmp)
     tmp *= r
-    a["x"] += tmp
+    x = a["x"]
+    x += tmp
 
 
 # -- RWKV-5.1 / 5.2 ---------------------------------------------------------------------------
@@ -166,9 +168,9 @@ def time_mix_v6(b, i, st):
     np.tanh(t, out=t)
     b.matvec(p + "time_decay_w2", t, w)
     w += decay
-    np.exp(w, out=w)
+    ops.exp(w, out=w)
     np.negative(w, out=w)
-    np.exp(w, out=w)                                             # w = exp(-exp(decay + lora))
+    ops.exp(w, out=w)                                            # w = exp(-exp(decay + lora))
     u = b.vector(p + "time_faaaa", par[9]).reshape(H, S)
     ops.wkv_v5(r.reshape(H, S), k.reshape(H, S), v.reshape(H, S), u, w.reshape(H, S), wkv,
                out=y.reshape(H, S))
@@ -195,7 +197,8 @@ def channel_mix_v6(b, i, st):
     tmp = a["tmp"]
     b.matvec(p + "value.weight", h, tmp)
     tmp *= r
-    a["x"] += tmp
+    x = a["x"]
+    x += tmp
 
 
 # -- RWKV-7 -----------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def time_mix_v7(b, i, st):
     w += w0
     ops.sigmoid(w, out=w)
     w *= -V7_DECAY_SCALE
-    np.exp(w, out=w)                                             # w = exp(-0.606531 sigmoid(.))
+    ops.exp(w, out=w)                                           # w = exp(-0.606531 sigmoid(.))
     b.matvec(p + "key.weight", xk, k)
     b.matvec(p + "value.weight", xv, v)
     if i == 0:

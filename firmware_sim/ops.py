@@ -10,24 +10,36 @@ import numpy as np
 
 
 def layer_norm(x, w, b, eps, out):
-    """out = (x - mean) / sqrt(var + eps) * w + b          x, w, b, out: (C,)"""
-    x64 = x.astype(np.float64)
-    mean = x64.mean()
-    var = ((x64 - mean) ** 2).mean()
-    np.subtract(x, np.float32(mean), out=out)
-    out *= np.float32(1.0 / np.sqrt(var + eps))
+    """out = (x - mean) / sqrt(var + eps) * w + b          x, w, b, out: (C,)
+
+    As ggml_norm: mean and sum of squares accumulate in double, everything else is float32.
+    """
+    n = x.shape[-1]
+    mean = np.float32(np.sum(x, dtype=np.float64) / n)
+    np.subtract(x, mean, out=out)
+    variance = np.float32(np.sum(out * out, dtype=np.float64) / n)
+    out *= np.float32(1.0) / np.sqrt(variance + np.float32(eps))
     out *= w
     out += b
 
 
 def group_norm(x, w, b, n_groups, eps, out):
     """layer_norm on each of n_groups contiguous chunks, then * w + b       x, out: (C,)"""
-    g = x.reshape(n_groups, -1).astype(np.float64)
-    mean = g.mean(axis=1, keepdims=True)
-    var = ((g - mean) ** 2).mean(axis=1, keepdims=True)
-    out.reshape(n_groups, -1)[:] = ((g - mean) / np.sqrt(var + eps)).astype(np.float32)
+    g = x.reshape(n_groups, -1)
+    o = out.reshape(n_groups, -1)
+    n = g.shape[1]
+    mean = (np.sum(g, axis=1, dtype=np.float64) / n).astype(np.float32)
+    np.subtract(g, mean[:, None], out=o)
+    variance = (np.sum(o * o, axis=1, dtype=np.float64) / n).astype(np.float32)
+    o *= (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))[:, None]
     out *= w
     out += b
+
+
+def exp(x, out):
+    """float32 exp, correctly rounded (via float64) like glibc's expf, which ggml calls; numpy's
+    own float32 exp can differ in the last bit, and one bit can flip a later Q8 rounding."""
+    np.copyto(out, np.exp(x.astype(np.float64)), casting="same_kind")
 
 
 def token_shift_mix(x, prev, m, out):
@@ -44,16 +56,19 @@ def shift_lerp(x, delta, m, out):
 
 
 def sigmoid(x, out):
+    """out = 1 / (1 + exp(-x))"""
     np.negative(x, out=out)
-    np.exp(out, out=out)
+    exp(out, out=out)
     out += np.float32(1.0)
-    np.reciprocal(out, out=out)
+    np.divide(np.float32(1.0), out, out=out)
 
 
 def silu(x, out):
-    """out = x * sigmoid(x) (out must not alias x)"""
-    sigmoid(x, out)
-    out *= x
+    """out = x / (1 + exp(-x)), the form ggml evaluates (out must not alias x)"""
+    np.negative(x, out=out)
+    exp(out, out=out)
+    out += np.float32(1.0)
+    np.divide(x, out, out=out)
 
 
 def relu_squared(x):
@@ -64,13 +79,16 @@ def relu_squared(x):
 
 def wkv_v4(k, v, u, w, aa, bb, pp, out):
     """RWKV-4 attention (numerically stable form); updates aa, bb, pp in place. All (C,)"""
-    q = np.maximum(pp, u + k)
-    e1 = np.exp(pp - q)
-    e2 = np.exp(u + k - q)
+    e1, e2 = np.empty_like(k), np.empty_like(k)
+    ww = u + k
+    q = np.maximum(pp, ww)
+    exp(pp - q, e1)
+    exp(ww - q, e2)
     np.divide(e1 * aa + e2 * v, e1 * bb + e2, out=out)
-    q = np.maximum(pp + w, k)
-    e1 = np.exp(pp + w - q)
-    e2 = np.exp(k - q)
+    ww = pp + w
+    q = np.maximum(ww, k)
+    exp(ww - q, e1)
+    exp(k - q, e2)
     aa *= e1
     aa += e2 * v
     bb *= e1

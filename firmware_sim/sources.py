@@ -6,6 +6,8 @@ Every source counts the bytes it delivered, for the cost report.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from formats.errors import BadInput
 
 
@@ -81,4 +83,4 @@ class VirtualSource(ChunkSource):
         self.size = virtual_stream.size
 
     def _read(self, offset, view):
-        view[:] = self.vs.read(offset, len(view))
+        view[:] = np.frombuffer(self.vs.read(offset, len(view)), np.uint8)

@@ -6,7 +6,56 @@ import math
 from .model import load_model
 
 
+def describe_stream(path) -> dict:
+    """The record map of a stream, what a board reads per token, and bits per weight."""
+    from formats import stream as S
+    from .stream.reader import StreamFile
+    sf = StreamFile(path)
+    try:
+        records = sf.walk()
+        tensors = [r for r in records if r.kind == S.RecordKind.TENSOR]
+        n_weights = sum(math.prod(r.shape) for r in tensors)
+        payload = sum(r.data_size for r in tensors)
+        emb = tensors[0]
+        # per token a board reads the header-less body once, except the embedding, of which it
+        # reads one row
+        per_token = (tensors[-1].end - emb.end) + emb.qtype.row_bytes(emb.shape[-1])
+        return dict(file=str(path), format="stream", stream_version=f"{sf.header.major}."
+                    f"{sf.header.minor}", **sf.hparams.as_dict(), bytes=sf.size,
+                    header_bytes=sf.header.header_size, n_weights=n_weights,
+                    bits_per_weight=round(8 * payload / n_weights, 3),
+                    bytes_per_token=per_token,
+                    records=[dict(name=r.name, type=r.qtype.name if r.qtype else None,
+                                  shape=list(r.shape), offset=r.offset, data_offset=r.data_offset,
+                                  bytes=r.data_size,
+                                  bits_per_weight=round(8 * r.data_size / math.prod(r.shape), 3)
+                                  if r.shape else None) for r in records])
+    finally:
+        sf.close()
+
+
+def format_stream_text(info: dict) -> str:
+    lines = [f"{info['file']}: stream {info['stream_version']}, RWKV v{info['version']}",
+             f"  n_vocab {info['n_vocab']}  n_embd {info['n_embd']}  n_layer {info['n_layer']}"
+             f"  ffn {info['ffn_size']}"
+             + (f"  heads {info['n_head']} x {info['head_size']}" if info['n_head'] else ""),
+             f"  {info['bytes']:,} bytes, {info['n_weights']:,} weights, "
+             f"{info['bits_per_weight']} bits per weight",
+             f"  a board reads {info['bytes_per_token']:,} bytes per token (one embedding row "
+             "and every later record)", ""]
+    w = max(len(r["name"]) for r in info["records"])
+    lines.append(f"  {'offset':>10}  {'record':<{w}}  {'type':<5} {'shape':<16} {'bytes':>11}  bpw")
+    for r in info["records"]:
+        shape = "x".join(str(d) for d in r["shape"])
+        lines.append(f"  {r['offset']:>10}  {r['name']:<{w}}  {r['type'] or '-':<5} "
+                     f"{shape:<16} {r['bytes']:>11,}  {r['bits_per_weight'] or ''}")
+    return "\n".join(lines)
+
+
 def describe(path) -> dict:
+    with open(path, "rb") as f:
+        if f.read(4) == b"RWKS":
+            return describe_stream(path)
     model = load_model(path)
     try:
         tensors = []
@@ -27,6 +76,8 @@ def describe(path) -> dict:
 
 
 def format_text(info: dict) -> str:
+    if info["format"] == "stream":
+        return format_stream_text(info)
     lines = [f"{info['file']}: {info['format']}, RWKV v{info['version']}",
              f"  n_vocab {info['n_vocab']}  n_embd {info['n_embd']}  n_layer {info['n_layer']}"
              f"  ffn {info['ffn_size']}"
