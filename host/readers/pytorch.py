@@ -22,6 +22,7 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -35,6 +36,7 @@ from .base import Checkpoint, SourceTensor
 
 ZIP_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # signature .. name length, extra length (30 bytes)
 ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+MAX_EXPANDED_BYTES = 1 << 30  # cap on stride-0 views bigger than their storage
 
 
 # --- inert stand-ins for the allowed pickle globals -----------------------------------------
@@ -342,7 +344,28 @@ class PytorchCheckpoint(Checkpoint):
 
     # pickle ----------------------------------------------------------------------------------
 
+    def _prescan(self, data: bytes, member: str) -> None:
+        """Walk the opcodes before unpickling: refuse what could exhaust memory or time.
+
+        The C unpickler sizes its memo table by the largest index a PUT names, so a crafted
+        `LONG_BINPUT 2**31` would allocate gigabytes before anything else happens.
+        """
+        limit = len(data)
+        try:
+            for op, arg, pos in pickletools.genops(data):
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= limit:
+                    raise BadInput(f"{member}: memo index {arg} at pickle byte {pos} is "
+                                   "implausible for a pickle this size", path=self.path)
+                if op.name in ("NEXT_BUFFER", "READONLY_BUFFER"):
+                    raise BadInput(f"{member}: out-of-band pickle buffers are not supported",
+                                   path=self.path)
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - pickletools reports bad data as ValueError &c.
+            raise BadInput(f"malformed {member}: {_short(e, 120)}", path=self.path) from None
+
     def _unpickle(self, data: bytes, member: str):
+        self._prescan(data, member)
         try:
             return _RestrictedUnpickler(data, self.path, member).load()
         except BadInput as e:
@@ -439,6 +462,10 @@ class PytorchCheckpoint(Checkpoint):
             raise BadInput(f"tensor of shape {size} with stride {stride} at storage offset "
                            f"{soff} extends past its storage (element {last} of {st.numel})",
                            path=self.path, tensor=name, offset=offset)
+        if numel > st.numel and numel * item > MAX_EXPANDED_BYTES:
+            raise BadInput(f"tensor of shape {size} with stride {stride} is a broadcast view "
+                           f"of a {st.numel}-element storage that would expand to "
+                           f"{numel * item} bytes", path=self.path, tensor=name, offset=offset)
         expect = 1
         contiguous = True
         for d, s in zip(reversed(size), reversed(stride)):
