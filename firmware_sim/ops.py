@@ -96,16 +96,26 @@ def wkv_v4(k, v, u, w, aa, bb, pp, out):
     pp[:] = q
 
 
+def _fma(a, b, c):
+    """float32 a*b + c rounded once, as the FMA instructions ggml's kernels use (a product of
+    two float32 is exact in float64)."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
 def wkv_v5(r, k, v, u, w, state, out):
     """RWKV-5/6 linear attention per head; state (H, S_key, S_value) updated in place.
 
     out[h,j] = sum_i r[h,i] * (u[h,i]*k[h,i]*v[h,j] + S[h,i,j]);  S = w[h,i]*S + k[h,i]*v[h,j]
-    r, k, v, u, w, out: (H, S)
+    r, k, v, u, w, out: (H, S). Evaluated in ggml's rwkv_wkv6 order: key by key, each step
+    three fused multiply-adds, so the state matches rwkv.cpp's to the last bit where it can.
     """
-    kv = k[:, :, None] * v[:, None, :]
-    out[:] = np.einsum("hi,hij->hj", r, u[:, :, None] * kv + state)
-    state *= w[:, :, None]
-    state += kv
+    out[:] = 0
+    for i in range(k.shape[1]):
+        prev = state[:, i, :]
+        kv = v * k[:, i:i + 1]                                   # (H, S_value), float32
+        temp = _fma(kv, u[:, i:i + 1], prev)
+        out[:] = _fma(temp, r[:, i:i + 1], out)
+        state[:, i, :] = _fma(prev, w[:, i:i + 1], kv)
 
 
 def wkv_v7(r, w, k, v, alpha, beta, state, out):
