@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(s)
     s.set_defaults(func=cmd_synth)
 
+    try:
+        from .link.cli import add_link_commands    # the serial link (install, serve, chat, board-sim)
+    except ImportError:
+        pass
+    else:
+        add_link_commands(sub, _add_json, _add_quant)
+
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     s.add_argument("what", choices=["quantize", "convert", "run"],
                    help="quantize: kernels vs gguf-py; convert: checkpoint -> stream vs the bare "
