@@ -80,6 +80,18 @@ def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True) -> list[Buff
     return plan
 
 
+def _shortfall(plan: list[BufferSpec], ram: int, psram: int) -> str:
+    need = required_bytes(plan)
+    hot = sum(_aligned(b.nbytes) for b in plan if not b.psram_ok)
+    parts = ", ".join(f"{b.name} {b.nbytes:,}" for b in sorted(plan, key=lambda b: -b.nbytes)[:4])
+    where = f"{ram:,} bytes of RAM" + (f" + {psram:,} of PSRAM" if psram else "")
+    if psram and hot <= ram:
+        return (f"the board needs {hot:,} bytes of RAM plus {need - hot:,} that may live in "
+                f"PSRAM ({parts}, ...); it has {where}")
+    return (f"the board needs {need:,} bytes of RAM ({parts}, ...); it has {where}: give at "
+            f"least --ram {need}")
+
+
 def _aligned(n: int) -> int:
     return n + (-n) % ALIGN
 
@@ -88,45 +100,43 @@ def required_bytes(plan: list[BufferSpec]) -> int:
     return sum(_aligned(b.nbytes) for b in plan)
 
 
+def place(plan: list[BufferSpec], ram: int, psram: int = 0) -> dict[str, tuple[str, int]]:
+    """name -> (region, offset): hot buffers first in SRAM, the rest there while it has room,
+    then in PSRAM. Raises BudgetExceeded with what is needed."""
+    where = {}
+    used = {"sram": 0, "psram": 0}
+    for spec in sorted(plan, key=lambda b: b.psram_ok):
+        size = _aligned(spec.nbytes)
+        region = "sram"
+        if used["sram"] + size > ram:
+            if spec.psram_ok and used["psram"] + size <= psram:
+                region = "psram"
+            else:
+                raise BudgetExceeded(_shortfall(plan, ram, psram))
+        where[spec.name] = (region, used[region])
+        used[region] += size
+    return where
+
+
 class Arena:
     """One block of SRAM (and optionally PSRAM) holding every buffer in `plan`."""
 
     def __init__(self, plan: list[BufferSpec], ram: int, psram: int = 0):
         self.plan = plan
         self.ram, self.psram = ram, psram
+        placement = place(plan, ram, psram)
         self.sram = np.zeros(ram, np.uint8)
         self.ext = np.zeros(psram, np.uint8) if psram else None
         self.where: dict[str, tuple[str, int, int]] = {}
         self.buffers: dict[str, np.ndarray] = {}
-        used = {"sram": 0, "psram": 0}
-        # Hot buffers first in SRAM; what may live in PSRAM goes there only when SRAM is full.
-        for spec in sorted(plan, key=lambda b: b.psram_ok):
-            size = _aligned(spec.nbytes)
-            region = "sram"
-            if used["sram"] + size > ram:
-                if spec.psram_ok and used["psram"] + size <= psram:
-                    region = "psram"
-                else:
-                    raise BudgetExceeded(self._shortfall(ram, psram))
+        self.used = {"sram": 0, "psram": 0}
+        for spec in plan:
+            region, off = placement[spec.name]
             mem = self.sram if region == "sram" else self.ext
-            off = used[region]
-            view = mem[off:off + spec.nbytes].view(np.dtype(spec.dtype)).reshape(spec.shape)
-            self.buffers[spec.name] = view
+            self.buffers[spec.name] = mem[off:off + spec.nbytes].view(
+                np.dtype(spec.dtype)).reshape(spec.shape)
             self.where[spec.name] = (region, off, spec.nbytes)
-            used[region] = off + size
-        self.used = used
-
-    def _shortfall(self, ram: int, psram: int) -> str:
-        need = required_bytes(self.plan)
-        hot = sum(_aligned(b.nbytes) for b in self.plan if not b.psram_ok)
-        parts = ", ".join(f"{b.name} {b.nbytes:,}" for b in sorted(self.plan, key=lambda b:
-                                                                   -b.nbytes)[:4])
-        where = f"{ram:,} bytes of RAM" + (f" + {psram:,} of PSRAM" if psram else "")
-        if psram and hot <= ram:
-            return (f"the board needs {hot:,} bytes of RAM plus {need - hot:,} that may live "
-                    f"in PSRAM ({parts}, ...); it has {where}")
-        return (f"the board needs {need:,} bytes of RAM ({parts}, ...); it has {where}: "
-                f"give at least --ram {need}")
+            self.used[region] = max(self.used[region], off + _aligned(spec.nbytes))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.buffers[name]

@@ -70,6 +70,16 @@ def cmd_run(args):
               f"read per token, RAM {result['ram_needed']:,} bytes]", file=sys.stderr)
 
 
+def cmd_plan(args):
+    from firmware_sim.profiles import get_profile
+
+    from .plan_cmd import format_text, plan
+    board = get_profile(args.board).with_overrides(args.ram, args.psram, args.flash)
+    result = plan(args.model, board, args.quant, args.tensor_type, args.chunk)
+    print(json.dumps(result, indent=1) if args.json else format_text(result))
+    return 0 if result["fits"] else 1
+
+
 def cmd_synth(args):
     from formats.arch import RwkvVersion
     from formats.quants import by_name
@@ -131,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(s)
     s.set_defaults(func=cmd_convert)
 
+    s = sub.add_parser("plan", help="does a model fit a board, and how fast will it run",
+                       description="Before anything is sent: whether the state and buffers fit "
+                                   "the board's RAM (the RAM map), whether the stream fits its "
+                                   "flash/PSRAM (install) or must be streamed live, bytes read "
+                                   "per token, and tokens/s at each of the board's link speeds "
+                                   "and from flash/PSRAM. Exit 1 when it does not fit.")
+    s.add_argument("model", metavar="MODEL", help="a stream (.rwks) or any checkpoint")
+    s.add_argument("--board", required=True,
+                   help="rp2040, rp2350, esp32s3, stm32h7, nrf52840, or a .toml/.json profile")
+    _add_quant(s)
+    s.add_argument("--ram", type=int, help="override the board's SRAM bytes")
+    s.add_argument("--psram", type=int, help="override the board's PSRAM bytes")
+    s.add_argument("--flash", type=int, help="override the board's flash bytes")
+    s.add_argument("--chunk", type=int, default=4096, help="chunk buffer bytes (default 4096)")
+    _add_json(s)
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("validate", help="check a stream file; explain the first problem",
                        description="Check a stream's magic, versions, CRCs, record order "
                                    "against the architecture, shapes against the header, types "
@@ -148,13 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reading the stream front to back through a chunk buffer. "
                                    "MODEL is a stream (.rwks) or any checkpoint, quantized on the "
                                    "fly with --quant. The prompt is fed one token at a time; then "
-                                   "N tokens are generated greedily.")
+                                   "N tokens are generated (greedy unless --temperature) and "
+                                   "printed as they come.")
     s.add_argument("model", metavar="MODEL")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="prompt text (byte-level tokenizer for vocabulary 256)")
+    g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="file whose bytes are the prompt")
     g.add_argument("--prompt-tokens", help="comma-separated token ids")
-    s.add_argument("-n", type=int, default=0, help="tokens to generate (greedy)")
+    s.add_argument("-n", type=int, default=0, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (default 0: greedy)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    s.add_argument("--seed", type=int, help="random seed for sampling")
+    s.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the generated text contains TEXT (repeatable)")
+    s.add_argument("--tokenizer", help="bytes, world, or a tokenizer.json path (default: by "
+                                       "vocabulary size: 256 bytes, 65536 world)")
     s.add_argument("--mode", choices=["float", "int8"], default="float",
                    help="float: activations stay float32; int8: Q8 activations and integer "
                         "dot products, as an MCU (and rwkv.cpp) computes")

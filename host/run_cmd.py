@@ -14,7 +14,9 @@ from formats.errors import BadInput, UsageError
 
 from .model import load_model
 from .plan import make_plan
+from .sampling import Sampler
 from .stream import VirtualStream
+from .tokenizers import StreamingDecoder, get_tokenizer
 
 
 def open_source(path, quant=None, overrides=()):
@@ -34,13 +36,6 @@ def open_source(path, quant=None, overrides=()):
     return VirtualSource(VirtualStream(model, make_plan(model, quant, overrides)))
 
 
-def byte_tokens(text: bytes, n_vocab: int) -> list[int]:
-    if n_vocab != 256:
-        raise UsageError(f"this model has a {n_vocab}-token vocabulary; only the byte-level "
-                         "tokenizer (256) is built in so far: pass --prompt-tokens")
-    return list(text)
-
-
 def run(args) -> dict:
     source = open_source(args.model, args.quant, args.tensor_type)
     board = Board(source, ram=args.ram, chunk=args.chunk, mode=args.mode,
@@ -48,14 +43,18 @@ def run(args) -> dict:
     hp = board.hp
     if args.state_in:
         board.load_state(np.fromfile(args.state_in, "<f4"))
+    tokenizer = None
     if args.prompt_tokens is not None:
         tokens = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
     else:
-        text = args.prompt.encode("utf-8") if args.prompt is not None else \
-            Path(args.prompt_file).read_bytes()
-        tokens = byte_tokens(text, hp.n_vocab)
+        tokenizer = get_tokenizer(hp.n_vocab, args.tokenizer)
+        text = args.prompt if args.prompt is not None else \
+            Path(args.prompt_file).read_text("utf-8")
+        tokens = tokenizer.encode(text)
     if not tokens:
         raise UsageError("the prompt is empty")
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    stops = [s.encode("utf-8") for s in args.stop or ()]
     logits_rows = np.zeros((len(tokens), hp.n_vocab), np.float32) if args.logits_out else None
     t0 = time.perf_counter()
     read0 = source.bytes_read
@@ -66,16 +65,26 @@ def run(args) -> dict:
     t_prompt = time.perf_counter() - t0
     generated = []
     out = sys.stdout.buffer
+    decoder = StreamingDecoder(tokenizer) if tokenizer else None
+    text = b""
+    stopped = None
     t1 = time.perf_counter()
     for _ in range(args.n):
-        tok = int(np.argmax(logits))
+        tok = sampler(logits)
         generated.append(tok)
-        if not args.json and hp.n_vocab == 256:
-            out.write(bytes([tok]))
-            out.flush()
+        if decoder:
+            piece = decoder.push(tok)
+            text += piece
+            if not args.json:
+                out.write(piece)
+                out.flush()
+            hit = [s for s in stops if s in text]
+            if hit:
+                stopped = hit[0].decode("utf-8")
+                break
         logits = board.eval(tok)
     t_gen = time.perf_counter() - t1
-    if not args.json and generated:
+    if not args.json and generated and decoder:
         out.write(b"\n")
     if args.logits_out:
         np.save(args.logits_out, logits_rows)
@@ -83,7 +92,7 @@ def run(args) -> dict:
         board.state.astype("<f4").tofile(args.state_out)
     n_eval = len(tokens) + len(generated)
     result = dict(version=hp.version.label, mode=args.mode, prompt_tokens=len(tokens),
-                  generated=generated, ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
+                  generated=generated, text=text.decode("utf-8", "replace"), stopped_at=stopped, ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
                   chunk=args.chunk, bytes_read_per_token=(source.bytes_read - read0) // n_eval,
                   prompt_seconds=round(t_prompt, 4), generate_seconds=round(t_gen, 4),
                   tokens_per_second=round(n_eval / max(t_prompt + t_gen, 1e-9), 2))

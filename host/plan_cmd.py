@@ -1,0 +1,104 @@
+"""`rwkv-stream plan`: before anything is sent, does the model fit the board, and how fast?"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from firmware_sim.arena import BudgetExceeded, buffer_plan, place, required_bytes
+from firmware_sim.profiles import BoardProfile
+from formats import stream as S
+
+from .model import load_model
+from .plan import make_plan
+from .stream.layout import StreamLayout
+
+
+def _layout(model_path, quant, overrides):
+    with open(model_path, "rb") as f:
+        is_stream = f.read(4) == S.MAGIC
+    if is_stream:
+        from .stream.reader import StreamFile
+        sf = StreamFile(model_path)
+        try:
+            recs = [r for r in sf.walk() if r.kind == S.RecordKind.TENSOR]
+            return sf.hparams, sf.size, recs[0].qtype.row_bytes(recs[0].shape[-1]) + \
+                recs[-1].end - recs[0].end, {r.name: r.qtype.name for r in recs}
+        finally:
+            sf.close()
+    model = load_model(model_path)
+    plan = make_plan(model, quant, overrides)
+    lay = StreamLayout.for_model(model, plan)
+    emb, last = lay.records[0], lay.records[-1]
+    return (model.hparams, lay.total_size, emb.row_bytes + last.end - emb.end,
+            {n: q.name for n, q in plan.items()})
+
+
+def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) -> dict:
+    hp, stream_bytes, per_token, types = _layout(model_path, quant, overrides)
+    result = dict(model=str(model_path), board=board.as_dict(), **{"rwkv": hp.as_dict()},
+                  stream_bytes=stream_bytes, bytes_per_token=per_token, chunk=chunk)
+    buffers = buffer_plan(hp, chunk, logits=True)
+    try:
+        where = place(buffers, board.sram, board.psram)
+        result["fits"] = True
+        result["logits"] = "in RAM"
+    except BudgetExceeded as e:
+        buffers = buffer_plan(hp, chunk, logits=False)
+        try:
+            where = place(buffers, board.sram, board.psram)
+            result["fits"] = True
+            result["logits"] = ("do not fit: sampling must run over the head rows as they "
+                                "stream (greedy or Gumbel-max); the simulator does not do this "
+                                "yet")
+        except BudgetExceeded:
+            where = {}
+            result["fits"] = False
+            result["why"] = str(e.message)
+    result["ram_needed"] = required_bytes(buffers)
+    result["ram_map"] = [dict(name=b.name, bytes=b.nbytes, shape=list(b.shape), what=b.what,
+                              region=where.get(b.name, ("-", 0))[0]) for b in buffers]
+    if stream_bytes <= board.flash:
+        storage, read_rate = "install into flash", board.flash_read
+    elif board.psram and stream_bytes <= board.psram - sum(
+            b.nbytes for b in buffers if where.get(b.name, ("",))[0] == "psram"):
+        storage, read_rate = "install into PSRAM", board.psram_read
+    else:
+        storage, read_rate = "stream live over the link for every pass", 0.0
+    result["storage"] = storage
+    speeds = {f"link {name}": rate / per_token for name, rate in board.links.items()}
+    if read_rate:
+        speeds[storage.replace("install into ", "from ")] = read_rate / per_token
+    result["tokens_per_second"] = {k: round(v, 3) for k, v in speeds.items()}
+    result["sequence_mode"] = "not implemented yet: every prompt token costs one full pass"
+    result["assumptions"] = [
+        "tokens/s counts only moving the stream's bytes (one embedding row plus every later "
+        "record per token); compute is not included",
+        "link rates are the profile's sustained bytes/s; flash/PSRAM read rates are vendor "
+        "figures for memory-mapped reads, not measurements",
+        f"chunk buffer {chunk} bytes; activations float32",
+    ]
+    result["types"] = types
+    return result
+
+
+def format_text(r: dict) -> str:
+    b, hp = r["board"], r["rwkv"]
+    lines = [f"{Path(r['model']).name} on {b['name']} ({b['sram'] // 1024} KiB SRAM"
+             + (f", {b['psram'] // 1024} KiB PSRAM" if b["psram"] else "")
+             + f", {b['flash'] // 1024} KiB flash, {b['clock_mhz']} MHz)",
+             f"  RWKV v{hp['version']}: n_embd {hp['n_embd']}, {hp['n_layer']} layers, vocab "
+             f"{hp['n_vocab']}",
+             f"  fits: {'yes' if r['fits'] else 'NO'}; RAM needed {r['ram_needed']:,} bytes"
+             + (f" -- {r['why']}" if not r["fits"] else ""),
+             f"  logits: {r['logits']}" if r["fits"] else "",
+             f"  stream: {r['stream_bytes']:,} bytes -> {r['storage']}",
+             f"  bytes read per token: {r['bytes_per_token']:,}",
+             "  tokens/s:"]
+    for k, v in r["tokens_per_second"].items():
+        lines.append(f"    {k:<28} {v:>10.3f}")
+    lines.append("  RAM map:")
+    for m in r["ram_map"]:
+        lines.append(f"    {m['region']:<6} {m['name']:<8} {m['bytes']:>10,}  {m['what']}")
+    lines.append(f"  sequence mode: {r['sequence_mode']}")
+    lines.append("  assumptions:")
+    lines += [f"    - {a}" for a in r["assumptions"]]
+    return "\n".join(line for line in lines if line != "")
