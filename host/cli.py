@@ -100,6 +100,11 @@ def cmd_synth(args):
 
 
 def cmd_bench(args):
+    import os
+    # Benchmarks compare one thread with one thread: keep BLAS (numpy's dense reference) to
+    # one too. numpy is not imported yet at this point, so this takes effect.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     if args.what == "quantize":
         from .bench_quantize import format_table, run
         rows = run(size=args.size, repeat=args.repeat)
