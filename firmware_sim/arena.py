@@ -46,37 +46,46 @@ def lora_width(hp: HParams) -> int:
     return 0
 
 
-def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True) -> list[BufferSpec]:
-    C, F, Vn = hp.n_embd, hp.ffn_size, hp.n_vocab
+def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int = 1,
+                batch: int = 1) -> list[BufferSpec]:
+    """Every buffer a board holds. `columns` (K) tokens go through each layer per pass over the
+    weights: K prompt tokens of one sequence (sequence mode) or one token of each of K = batch
+    sequences (batch mode, each with its own state and logits)."""
+    from formats.kernels import ROW_STATE_SIZE
+    C, F, Vn, K = hp.n_embd, hp.ffn_size, hp.n_vocab, columns
     lw = lora_width(hp)
     n_act = max(C, F, lw)
     blocks = -(-n_act // 32)
     plan = [
         BufferSpec("header", "u1", (112,), False, "the stream header's fixed fields"),
         BufferSpec("chunk", "u1", (chunk_bytes,), False, "chunk buffer the stream is read through"),
-        BufferSpec("x", "f4", (C,), False, "residual stream"),
-        BufferSpec("xn", "f4", (C,), False, "layer-normed input of the current block"),
-        BufferSpec("delta", "f4", (C,), False, "token shift: previous normed input minus current"),
+        BufferSpec("x", "f4", (K, C), False, "residual stream"),
+        BufferSpec("xn", "f4", (K, C), False, "layer-normed input of the current block"),
+        BufferSpec("delta", "f4", (K, C), False,
+                   "token shift: previous normed input minus current"),
         BufferSpec("par", "f4", (PARAM_ROWS[hp.version], C), False,
                    "the layer's parameter vectors (norms, mixes, decays)"),
-        BufferSpec("mix", "f4", (MIX_ROWS[hp.version], C), False,
+        BufferSpec("mix", "f4", (MIX_ROWS[hp.version], K, C), False,
                    "token-shift-mixed inputs (r, w, k, v, a, g as the version has them)"),
-        BufferSpec("proj", "f4", (8, C), False, "projections r, k, v, g, w, a, kk, y"),
-        BufferSpec("tmp", "f4", (C,), False, "matmul output before the residual add"),
-        BufferSpec("hidden", "f4", (F,), False, "channel-mix hidden layer"),
-        BufferSpec("act_f", "f4", (n_act,), False, "matmul input as the weight type needs it"),
-        BufferSpec("act_q", "i1", (blocks * 32,), False, "matmul input quantized to Q8 (int8 mode)"),
-        BufferSpec("act_d", "f4", (blocks,), False, "Q8 block scales of the matmul input"),
-        BufferSpec("act_s", "f4", (blocks,), False, "Q8_1 block sums of the matmul input"),
+        BufferSpec("proj", "f4", (8, K, C), False, "projections r, k, v, g, w, a, kk, y"),
+        BufferSpec("tmp", "f4", (K, C), False, "matmul output before the residual add"),
+        BufferSpec("hidden", "f4", (K, F), False, "channel-mix hidden layer"),
+        BufferSpec("act_f", "f4", (K, n_act), False, "matmul input as the weight type needs it"),
+        BufferSpec("act_q", "i1", (K, blocks * 32), False,
+                   "matmul input quantized to Q8 (int8 mode)"),
+        BufferSpec("act_d", "f4", (K, blocks), False, "Q8 block scales of the matmul input"),
+        BufferSpec("act_s", "f4", (K, blocks), False, "Q8_1 block sums of the matmul input"),
+        BufferSpec("lanes", "f8", (K, ROW_STATE_SIZE), False,
+                   "int8 mode: a row's partial lane sums across chunk boundaries"),
     ]
     if lw:
-        plan.append(BufferSpec("lora", "f4", (lw,), False, "LoRA hidden values"))
+        plan.append(BufferSpec("lora", "f4", (K, lw), False, "LoRA hidden values"))
     if hp.version is V.V7:
-        plan.append(BufferSpec("v_first", "f4", (C,), False, "layer 0's value vector"))
-    plan.append(BufferSpec("state", "f4", (hp.state_floats,), True,
-                           "recurrent state (rwkv.cpp's layout)"))
+        plan.append(BufferSpec("v_first", "f4", (K, C), False, "layer 0's value vector"))
+    plan.append(BufferSpec("state", "f4", (batch, hp.state_floats), True,
+                           "recurrent state (rwkv.cpp's layout), one per sequence"))
     if logits:
-        plan.append(BufferSpec("logits", "f4", (Vn,), True, "logits"))
+        plan.append(BufferSpec("logits", "f4", (batch, Vn), True, "logits, one row per sequence"))
     return plan
 
 

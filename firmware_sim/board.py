@@ -105,7 +105,10 @@ class Board:
     """A simulated board: RAM budget, chunk buffer, recurrent state, and a stream source."""
 
     def __init__(self, source, *, ram: int | None = None, psram: int = 0, chunk: int = 4096,
-                 mode: str = "float", logits: bool = True, check_crc: bool = True):
+                 mode: str = "float", logits: bool = True, check_crc: bool = True,
+                 columns: int = 1, batch: bool = False):
+        """`columns`: tokens per pass over the weights -- K prompt tokens of one sequence
+        (sequence mode), or with `batch` one token of each of K independent sequences."""
         if chunk < MIN_CHUNK:
             raise BadInput(f"--chunk {chunk} is below the minimum of {MIN_CHUNK} bytes (a "
                            "record header)")
@@ -123,44 +126,57 @@ class Board:
         if chunk < largest:
             raise BadInput(f"--chunk {chunk} cannot hold one {largest}-byte block of this "
                            "stream's types")
-        self.buffer_plan = buffer_plan(self.hp, chunk, logits)
+        if columns < 1:
+            raise BadInput("the number of columns (sequence length or batch) must be >= 1")
+        self.columns = columns
+        self.batch = columns if batch else 1
+        self.buffer_plan = buffer_plan(self.hp, chunk, logits, columns, self.batch)
         self.ram_needed = required_bytes(self.buffer_plan)
         self.arena = Arena(self.buffer_plan, self.ram_needed if ram is None else ram, psram)
         self.chunk = self.arena["chunk"]
         self.emb_type = self._read_embedding_header()
         self.tokens = 0
+        self.passes = 0
         self.reset()
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """rwkv.cpp's initial state: zeros, except v4's pp = -1e30."""
-        state = self.arena["state"]
-        state[:] = 0
+        states = self.arena["state"]
+        states[:] = 0
         if self.hp.version is RwkvVersion.V4:
-            state.reshape(self.hp.n_layer, 5, -1)[:, 4, :] = -1e30
+            states.reshape(self.batch, self.hp.n_layer, 5, -1)[:, :, 4, :] = -1e30
 
     @property
     def state(self) -> np.ndarray:
+        """The state of sequence 0 (the only one outside batch mode), rwkv.cpp's flat layout."""
+        return self.arena["state"][0]
+
+    @property
+    def states(self) -> np.ndarray:
+        """(batch, state floats)"""
         return self.arena["state"]
 
-    def load_state(self, values) -> None:
+    def load_state(self, values, sequence: int = 0) -> None:
         values = np.asarray(values, np.float32).reshape(-1)
         if values.size != self.state.size:
             raise BadInput(f"state has {values.size} floats; this model's has {self.state.size}")
-        self.state[:] = values
+        self.arena["state"][sequence] = values
 
     # -- reading the stream -------------------------------------------------------------------
     def start_pass(self) -> None:
         self._next = 0
 
-    def read_embedding(self, token: int, out: np.ndarray) -> None:
-        """out = emb[token]: one row, at an offset the header gives; then skip the record."""
-        if not 0 <= token < self.hp.n_vocab:
-            raise BadInput(f"token {token} is outside the vocabulary (0..{self.hp.n_vocab - 1})")
+    def read_embedding(self, tokens, out: np.ndarray) -> None:
+        """out[j] = emb[tokens[j]]: rows at offsets the header gives; then skip the record."""
         q = self.emb_type
         row = self.info.emb_row_bytes
-        self.source.seek(self.info.emb_offset + token * row)
-        self._read_blocks_into(q, self.hp.n_embd // q.block_size, out, crc=False)
+        for j, token in enumerate(tokens):
+            if not 0 <= token < self.hp.n_vocab:
+                raise BadInput(f"token {token} is outside the vocabulary "
+                               f"(0..{self.hp.n_vocab - 1})")
+            self.source.seek(self.info.emb_offset + token * row)
+            self._read_blocks_into(q, self.hp.n_embd // q.block_size, out[j], crc=False)
         self.source.seek(self.info.after_embedding)
         self._next = 1
 
@@ -250,39 +266,64 @@ class Board:
         return out
 
     def matvec(self, suffix: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = W @ x, W the next tensor, streamed row by row through the chunk buffer."""
+        """out[j] = W @ x[j] for each column j, W the next tensor, streamed row by row through
+        the chunk buffer once for all columns.                  x: (K, in), out: (K, rows)"""
         return self.matvec_parts(suffix, [(x, out)])[0]
 
     def matvec_parts(self, suffix: str, parts) -> list:
         """The next tensor as consecutive row groups, each with its own input: out_i = W_i @ x_i."""
         q = self._begin(suffix)
         shape = self.info.shapes[self._record[0]]
-        assert sum(len(o) for _, o in parts) == int(np.prod(shape[:-1])), (shape, suffix)
+        assert sum(o.shape[-1] for _, o in parts) == int(np.prod(shape[:-1])), (shape, suffix)
         for x, out in parts:
-            assert len(x) == shape[-1], (len(x), shape)
+            assert x.shape[-1] == shape[-1] and x.shape[0] == out.shape[0], (x.shape, shape)
             self._matvec_rows(q, x, out)
         self._end()
         return [o for _, o in parts]
 
     def _matvec_rows(self, q: QuantType, x: np.ndarray, out: np.ndarray) -> None:
         a = self.arena
-        n = len(x)
-        xf, xq = a["act_f"][:n], a["act_q"][:-(-n // 32) * 32]
-        xd, xs = a["act_d"], a["act_s"]
-        q.prepare_activation(self.int8, x, xf, xq, xd, xs)
+        k, n = x.shape
+        nq = -(-n // 32)
+        xf, xq = a["act_f"][:k, :n], a["act_q"][:k, :nq * 32]
+        xd, xs, lanes = a["act_d"][:k], a["act_s"][:k], a["lanes"][:k]
+        for j in range(k):
+            q.prepare_activation(self.int8, x[j], xf[j], xq[j], xd[j], xs[j])
         out[:] = 0
         bpr = n // q.block_size
         first = 0
-        for view, nb in self._blocks(q, len(out) * bpr):
-            q.matvec_blocks(self.int8, view, nb, first, bpr, xf, xq, xd, xs, out)
+        for view, nb in self._blocks(q, out.shape[1] * bpr):
+            for j in range(k):
+                q.matvec_blocks(self.int8, view, nb, first, bpr, xf[j], xq[j], xd[j], xs[j],
+                                out[j], lanes[j])
             first += nb
 
     # -- the model ---------------------------------------------------------------------------
     def eval(self, token: int) -> np.ndarray:
         """One token through the model; returns the logits buffer (valid until the next call)."""
-        from .forward import forward_token
-        forward_token(self, token)
-        self.tokens += 1
+        return self.eval_sequence([token])
+
+    def eval_sequence(self, tokens) -> np.ndarray:
+        """Tokens of one sequence, `columns` of them per pass over the weights; returns the
+        logits after the last one (only that token goes through the head)."""
+        from .forward import forward_pass
+        if self.batch > 1:
+            raise BadInput("this board runs a batch: use eval_batch")
+        tokens = list(tokens)
+        for start in range(0, len(tokens), self.columns):
+            forward_pass(self, tokens[start:start + self.columns], sequence=True)
+            self.passes += 1
+        self.tokens += len(tokens)
+        return self.arena["logits"][0]
+
+    def eval_batch(self, tokens) -> np.ndarray:
+        """One token for each of the batch's sequences in one pass; logits (batch, n_vocab)."""
+        from .forward import forward_pass
+        if len(tokens) != self.batch:
+            raise BadInput(f"this board runs a batch of {self.batch}, got {len(tokens)} tokens")
+        forward_pass(self, list(tokens), sequence=False)
+        self.passes += 1
+        self.tokens += len(tokens)
         return self.arena["logits"]
 
     def close(self) -> None:

@@ -10,28 +10,25 @@ import numpy as np
 
 
 def layer_norm(x, w, b, eps, out):
-    """out = (x - mean) / sqrt(var + eps) * w + b          x, w, b, out: (C,)
+    """out = (x - mean) / sqrt(var + eps) * w + b over the last axis    x, out: (..., C); w, b: (C,)
 
     As ggml_norm: mean and sum of squares accumulate in double, everything else is float32.
     """
     n = x.shape[-1]
-    mean = np.float32(np.sum(x, dtype=np.float64) / n)
+    mean = (np.sum(x, axis=-1, keepdims=True, dtype=np.float64) / n).astype(np.float32)
     np.subtract(x, mean, out=out)
-    variance = np.float32(np.sum(out * out, dtype=np.float64) / n)
+    variance = (np.sum(out * out, axis=-1, keepdims=True, dtype=np.float64) / n).astype(
+        np.float32)
     out *= np.float32(1.0) / np.sqrt(variance + np.float32(eps))
     out *= w
     out += b
 
 
 def group_norm(x, w, b, n_groups, eps, out):
-    """layer_norm on each of n_groups contiguous chunks, then * w + b       x, out: (C,)"""
-    g = x.reshape(n_groups, -1)
-    o = out.reshape(n_groups, -1)
-    n = g.shape[1]
-    mean = (np.sum(g, axis=1, dtype=np.float64) / n).astype(np.float32)
-    np.subtract(g, mean[:, None], out=o)
-    variance = (np.sum(o * o, axis=1, dtype=np.float64) / n).astype(np.float32)
-    o *= (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))[:, None]
+    """layer_norm on each of n_groups contiguous chunks of the last axis, then * w + b"""
+    shape = x.shape
+    layer_norm(x.reshape(*shape[:-1], n_groups, -1), np.float32(1), np.float32(0), eps,
+               out.reshape(*shape[:-1], n_groups, -1))
     out *= w
     out += b
 
@@ -130,7 +127,7 @@ def wkv_v7(r, w, k, v, alpha, beta, state, out):
 
 
 def l2_normalize_heads(x, n_heads, out):
-    """out_h = x_h / max(||x_h||, 1e-12) for each head         x, out: (C,)"""
-    h = x.reshape(n_heads, -1)
-    norm = np.sqrt((h.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
-    out.reshape(n_heads, -1)[:] = (h / np.maximum(norm, 1e-12)).astype(np.float32)
+    """out_h = x_h / max(||x_h||, 1e-12) for each head           x, out: (..., C)"""
+    h = x.reshape(*x.shape[:-1], n_heads, -1)
+    norm = np.sqrt((h.astype(np.float64) ** 2).sum(axis=-1, keepdims=True))
+    out.reshape(h.shape)[:] = (h / np.maximum(norm, 1e-12)).astype(np.float32)

@@ -65,9 +65,19 @@ def cmd_run(args):
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"[{result['prompt_tokens']} prompt + {len(result['generated'])} generated tokens, "
-              f"{result['tokens_per_second']} tokens/s, {result['bytes_read_per_token']:,} bytes "
-              f"read per token, RAM {result['ram_needed']:,} bytes]", file=sys.stderr)
+        r = result
+        lines = [f"[{r['prompt_tokens']} prompt tokens in {r['prompt_passes']} passes "
+                 f"({r['sequence_columns']} per pass), {len(r['generated'])} generated; "
+                 f"{r['tokens_per_second']} tokens/s simulated compute]",
+                 f"[bytes read: {r['bytes_read_per_prompt_token']:,} per prompt token"
+                 + (f", {r['bytes_read_per_generated_token']:,} per generated token"
+                    if r['bytes_read_per_generated_token'] else "") + "]",
+                 f"[RAM: {r['ram_used']['sram']:,} bytes internal, {r['ram_used']['psram']:,} "
+                 f"external]"]
+        if "transfer_seconds" in r:
+            lines.append(f"[{r['board']}: moving those bytes takes " + ", ".join(
+                f"{k} {v} s" for k, v in r["transfer_seconds"].items()) + "]")
+        print("\n".join(lines), file=sys.stderr)
 
 
 def cmd_plan(args):
@@ -203,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant(s)
     s.add_argument("--ram", type=int, help="the board's RAM budget in bytes (default: exactly "
                                            "what the model needs)")
+    s.add_argument("--psram", type=int, help="external RAM bytes (state and logits may live "
+                                             "there)")
+    s.add_argument("--seq", type=int, help="prompt tokens per pass over the weights (sequence "
+                                           "mode; default: as many as --ram allows, up to 64)")
+    s.add_argument("--board", help="a board profile: adds the time its links/flash would need "
+                                   "to move the bytes read to the cost report")
     s.add_argument("--chunk", type=int, default=4096, help="chunk buffer bytes (default 4096)")
     s.add_argument("--no-crc", action="store_true",
                    help="do not check payload CRCs on every pass (faster)")

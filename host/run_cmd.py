@@ -36,10 +36,39 @@ def open_source(path, quant=None, overrides=()):
     return VirtualSource(VirtualStream(model, make_plan(model, quant, overrides)))
 
 
+MAX_SEQUENCE = 64
+
+
+def _sequence_columns(source, args) -> int:
+    """Prompt tokens per pass: --seq, else as many as --ram allows (up to 64), else 1."""
+    from firmware_sim.arena import BudgetExceeded, buffer_plan, place
+    from firmware_sim.board import read_stream_info
+    if args.seq is not None:
+        if args.seq < 1:
+            raise UsageError("--seq must be >= 1")
+        return args.seq
+    if args.ram is None or args.logits_out:
+        return 1
+    info = read_stream_info(source, np.zeros(112, np.uint8), np.zeros(max(args.chunk, 64),
+                                                                       np.uint8))
+    best = 1
+    for k in range(2, MAX_SEQUENCE + 1):
+        try:
+            place(buffer_plan(info.hparams, args.chunk, True, k), args.ram, args.psram or 0)
+        except BudgetExceeded:
+            break
+        best = k
+    return best
+
+
 def run(args) -> dict:
     source = open_source(args.model, args.quant, args.tensor_type)
-    board = Board(source, ram=args.ram, chunk=args.chunk, mode=args.mode,
-                  check_crc=not args.no_crc)
+    if args.logits_out and args.seq and args.seq > 1:
+        raise UsageError("--logits-out needs the logits after every prompt token: it runs the "
+                         "prompt one token per pass (drop --seq)")
+    columns = _sequence_columns(source, args)
+    board = Board(source, ram=args.ram, psram=args.psram or 0, chunk=args.chunk,
+                  mode=args.mode, check_crc=not args.no_crc, columns=columns)
     hp = board.hp
     if args.state_in:
         board.load_state(np.fromfile(args.state_in, "<f4"))
@@ -58,10 +87,14 @@ def run(args) -> dict:
     logits_rows = np.zeros((len(tokens), hp.n_vocab), np.float32) if args.logits_out else None
     t0 = time.perf_counter()
     read0 = source.bytes_read
-    for t, tok in enumerate(tokens):
-        logits = board.eval(tok)
-        if logits_rows is not None:
-            logits_rows[t] = logits
+    if logits_rows is not None:
+        for t, tok in enumerate(tokens):
+            logits_rows[t] = board.eval(tok)
+        logits = logits_rows[-1]
+    else:
+        logits = board.eval_sequence(tokens)
+    prompt_passes = board.passes
+    prompt_bytes = source.bytes_read - read0
     t_prompt = time.perf_counter() - t0
     generated = []
     out = sys.stdout.buffer
@@ -90,11 +123,29 @@ def run(args) -> dict:
         np.save(args.logits_out, logits_rows)
     if args.state_out:
         board.state.astype("<f4").tofile(args.state_out)
-    n_eval = len(tokens) + len(generated)
+    n_gen = board.passes - prompt_passes
+    gen_bytes = source.bytes_read - read0 - prompt_bytes
+    n_eval = len(tokens) + n_gen
     result = dict(version=hp.version.label, mode=args.mode, prompt_tokens=len(tokens),
-                  generated=generated, text=text.decode("utf-8", "replace"), stopped_at=stopped, ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
-                  chunk=args.chunk, bytes_read_per_token=(source.bytes_read - read0) // n_eval,
+                  generated=generated, text=text.decode("utf-8", "replace"), stopped_at=stopped,
+                  ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
+                  ram_used=dict(board.arena.used), chunk=args.chunk,
+                  sequence_columns=columns, prompt_passes=prompt_passes,
+                  prompt_bytes_read=prompt_bytes,
+                  bytes_read_per_prompt_token=prompt_bytes // len(tokens),
+                  bytes_read_per_generated_token=gen_bytes // n_gen if n_gen else None,
+                  bytes_read_per_token=(source.bytes_read - read0) // n_eval,
                   prompt_seconds=round(t_prompt, 4), generate_seconds=round(t_gen, 4),
                   tokens_per_second=round(n_eval / max(t_prompt + t_gen, 1e-9), 2))
+    if args.board:
+        from firmware_sim.profiles import get_profile
+        profile = get_profile(args.board)
+        total = source.bytes_read - read0
+        rates = dict(profile.links)
+        if profile.flash_read:
+            rates["flash"] = profile.flash_read
+        result["board"] = profile.name
+        result["transfer_seconds"] = {name: round(total / rate, 3) for name, rate in
+                                      rates.items()}
     board.close()
     return result

@@ -201,3 +201,45 @@ def test_run_cli_writes_logits_and_state(tmp_path):
     proc = run_cli("run", src, "--prompt", PROMPT.decode(), "--mode", "int8", "--quant", "Q8_0",
                    "--state-out", state, "--json", check_status=0)
     assert np.abs(np.fromfile(state, "<f4") - want_state).max() <= 5e-4
+
+
+# -- sequence and batch modes -------------------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mode", ["float", "int8"])
+def test_sequence_mode_equals_serial(model, mode):
+    data = stream_bytes(load_model(fp32_model(model)), "Q5_1")
+    tokens = list(PROMPT[:11])
+    serial, serial_state, _ = run_board(data, tokens, mode=mode)
+    board = Board(BytesSource(data), mode=mode, columns=4)
+    logits = board.eval_sequence(tokens).copy()
+    assert board.passes == 3                                     # ceil(11 / 4) weight passes
+    assert np.abs(logits - serial[-1]).max() <= 1e-5 * max(1, np.abs(serial[-1]).max())
+    assert np.abs(board.state - serial_state).max() <= 1e-5 * max(1, np.abs(serial_state).max())
+
+
+@pytest.mark.parametrize("model", ["4v0-660K", "6v0-3m", "7v0-834K"])
+def test_batch_mode_equals_independent_serial_runs(model):
+    data = stream_bytes(load_model(fp32_model(model)), "Q8_0")
+    seqs = [b"abc", b"xyz", b"The", b"RWK"]
+    want = [run_board(data, list(s))[0:2] for s in seqs]
+    board = Board(BytesSource(data), columns=len(seqs), batch=True)
+    for t in range(3):
+        logits = board.eval_batch([s[t] for s in seqs]).copy()
+    assert board.passes == 3
+    for n, (rows, state) in enumerate(want):
+        assert np.abs(logits[n] - rows[-1]).max() <= 1e-5 * max(1, np.abs(rows[-1]).max())
+        assert np.abs(board.states[n] - state).max() <= 1e-5 * max(1, np.abs(state).max())
+
+
+def test_sequence_mode_reads_the_weights_once_per_pass():
+    data = stream_bytes(load_model(fp32_model("5v2-730K")), "Q4_0")
+    serial = Board(BytesSource(data))
+    s0 = serial.source.bytes_read
+    serial.eval_sequence(list(PROMPT[:16]))
+    seq = Board(BytesSource(data), columns=8)
+    q0 = seq.source.bytes_read
+    seq.eval_sequence(list(PROMPT[:16]))
+    per_pass = (serial.source.bytes_read - s0) / 16
+    emb_row = serial.info.emb_row_bytes
+    # two passes, each reading everything after the embedding once plus 8 embedding rows
+    assert seq.source.bytes_read - q0 == 2 * (per_pass - emb_row) + 16 * emb_row
