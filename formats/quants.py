@@ -104,10 +104,11 @@ class QuantType:
         kernels.prepare_activation(self.id, int8_mode, x, xf, xq, xd, xs)
 
     def matvec_blocks(self, int8_mode: bool, buf, n_blocks: int, first_block: int,
-                      blocks_per_row: int, xf, xq, xd, xs, out) -> None:
-        """out[row] += dot(block, input) for a run of whole blocks of a row-major matrix."""
+                      blocks_per_row: int, xf, xq, xd, xs, out, row_state=None) -> None:
+        """out[row] += dot(block, input) for a run of whole blocks of a row-major matrix;
+        `row_state` carries a row cut by a run boundary to the next run (int8 mode)."""
         kernels.matvec_blocks(self.id, int8_mode, buf, n_blocks, first_block, blocks_per_row,
-                              xf, xq, xd, xs, out)
+                              xf, xq, xd, xs, out, row_state)
 
 
 TYPES: tuple[QuantType, ...] = (
