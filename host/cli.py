@@ -121,6 +121,9 @@ def cmd_bench(args):
     elif args.what == "convert":
         from .bench_convert import format_table, run
         rows = run()
+    elif args.what == "sequence":
+        from .bench_sequence import format_table, run
+        rows = run()
     else:
         from .bench_run import format_table, run
         rows = run(repeat=args.repeat)
@@ -254,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_link_commands(sub, _add_json, _add_quant)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    s.add_argument("what", choices=["quantize", "convert", "run"],
+    s.add_argument("what", choices=["quantize", "convert", "run", "sequence"],
                    help="quantize: kernels vs gguf-py; convert: checkpoint -> stream vs the bare "
                         "quantizer, and peak memory; run: simulated-board tokens/s vs a dense "
-                        "numpy forward")
+                        "numpy forward; sequence: serial vs sequence vs batch passes")
     s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
     s.add_argument("--repeat", type=int, default=3)
     _add_json(s)
