@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to move the bytes read to the cost report")
     s.add_argument("--chunk", type=int, default=4096, help="chunk buffer bytes (default 4096)")
     s.add_argument("--no-crc", action="store_true",
-                   help="do not check payload CRCs on every pass (faster)")
+                   help="do not check payload CRCs (by default the board checks each record's "
+                        "CRC the first time it reads it)")
     s.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the logits after every prompt token (T x n_vocab float32)")
     s.add_argument("--state-in", metavar="F", help="start from this state (flat float32)")
