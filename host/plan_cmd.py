@@ -20,8 +20,9 @@ def _layout(model_path, quant, overrides):
         sf = StreamFile(model_path)
         try:
             recs = [r for r in sf.walk() if r.kind == S.RecordKind.TENSOR]
-            return sf.hparams, sf.size, recs[0].qtype.row_bytes(recs[0].shape[-1]) + \
-                recs[-1].end - recs[0].end, {r.name: r.qtype.name for r in recs}
+            row = recs[0].qtype.row_bytes(recs[0].shape[-1])
+            return sf.hparams, sf.size, row + recs[-1].end - recs[0].end, \
+                {r.name: r.qtype.name for r in recs}, row
         finally:
             sf.close()
     model = load_model(model_path)
@@ -29,11 +30,16 @@ def _layout(model_path, quant, overrides):
     lay = StreamLayout.for_model(model, plan)
     emb, last = lay.records[0], lay.records[-1]
     return (model.hparams, lay.total_size, emb.row_bytes + last.end - emb.end,
-            {n: q.name for n, q in plan.items()})
+            {n: q.name for n, q in plan.items()}, emb.row_bytes)
+
+
+def _per_prompt_token(per_token: int, emb_row: int, columns: int) -> int:
+    """A pass reads everything after the embedding once, plus one embedding row per token."""
+    return (per_token - emb_row) // columns + emb_row
 
 
 def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) -> dict:
-    hp, stream_bytes, per_token, types = _layout(model_path, quant, overrides)
+    hp, stream_bytes, per_token, types, emb_row_bytes = _layout(model_path, quant, overrides)
     result = dict(model=str(model_path), board=board.as_dict(), **{"rwkv": hp.as_dict()},
                   stream_bytes=stream_bytes, bytes_per_token=per_token, chunk=chunk)
     buffers = buffer_plan(hp, chunk, logits=True)
@@ -68,7 +74,20 @@ def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) 
     if read_rate:
         speeds[storage.replace("install into ", "from ")] = read_rate / per_token
     result["tokens_per_second"] = {k: round(v, 3) for k, v in speeds.items()}
-    result["sequence_mode"] = "not implemented yet: every prompt token costs one full pass"
+    columns = 1
+    if result["fits"]:
+        for k in range(2, 65):
+            try:
+                place(buffer_plan(hp, chunk, result["logits"] == "in RAM", k), board.sram,
+                      board.psram)
+            except BudgetExceeded:
+                break
+            columns = k
+    result["sequence_tokens_per_pass"] = columns
+    result["bytes_per_prompt_token"] = _per_prompt_token(per_token, emb_row_bytes, columns)
+    result["sequence_mode"] = (f"{columns} prompt tokens per pass over the weights: "
+                               f"{result['bytes_per_prompt_token']:,} bytes read per prompt token"
+                               if columns > 1 else "no room for more than one token per pass")
     result["assumptions"] = [
         "tokens/s counts only moving the stream's bytes (one embedding row plus every later "
         "record per token); compute is not included",

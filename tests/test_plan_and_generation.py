@@ -115,3 +115,16 @@ def test_run_stops_at_stop_string():
                    "--json", check_status=0)
     r = json.loads(proc.stdout)
     assert r["stopped_at"] == stop and r["text"].endswith(stop) and len(r["text"]) <= 8
+
+
+def test_plan_sequence_figure_equals_a_measured_sequence_run():
+    src = fp32_model("5v2-730K")
+    board_profile = get_profile("rp2040").with_overrides(ram=150000)
+    r = plan(src, board_profile, "Q4_0")
+    k = r["sequence_tokens_per_pass"]
+    assert k > 1
+    source = open_source(src, "Q4_0")
+    board = Board(source, ram=150000, columns=k)
+    start = source.bytes_read
+    board.eval_sequence(list(range(65, 65 + k)))
+    assert source.bytes_read - start == r["bytes_per_prompt_token"] * k
