@@ -4,6 +4,8 @@ Public wrappers validate and allocate; the private kernels do the loops. There a
 kernels, `_quantize_blocks` and `_dequantize_blocks`, each taking the block type as a small int:
 one compile per direction instead of one per type keeps numba's cold compile time down, and the
 per-type branches sit outside the 16/32-element inner loops, so they cost nothing measurable.
+A conversion reaches `_quantize_blocks` through `_quantize_from_kernel` (the last section),
+which feeds it F32/F16/BF16 source bytes converted a few blocks at a time.
 
 Arithmetic follows ggml's `quantize_row_*_ref` / `dequantize_row_*` (see docs/rwkv_spec.md 1.3)
 in float32 throughout. numba promotes a Python float literal to float64, so every constant
@@ -13,7 +15,8 @@ Where ggml's C is undefined or platform dependent (float -> int8 casts of NaN, i
 of range) we do what x86 does, which is also what numpy, and hence gguf-py, does: the float is
 truncated to int32 (NaN and anything out of int32 range become 0x80000000) and the low byte is
 kept. With finite inputs this only happens when a block's scale is a float32 subnormal so small
-that 1/d overflows to inf; callers reject non-finite weights before quantizing.
+that 1/d overflows to inf; callers reject non-finite weights (`quantize_from` finds them
+while it quantizes).
 
 The second half of the file holds the device simulator's fused dequantize-and-dot kernels
 (`prepare_activation`, `matvec_blocks`, `dequantize_into`, for all eight element types, in a
@@ -1171,3 +1174,140 @@ def dequantize_into(type_id: int, buf: np.ndarray, out: np.ndarray) -> None:
         _compiled("dequantize_into")(type_id, buf, nb, out)
     except TypeError:
         raise _bad_arrays("dequantize_into", buf=buf, out=out) from None
+
+
+# =============================================================================================
+# Fused quantize: F32/F16/BF16 source bytes -> block type, a few blocks at a time
+#
+# What a conversion runs: the source bytes of a run of rows (an mmap slice of the checkpoint)
+# go straight into ggml's reference quantizers. `_quantize_from_kernel` converts a chunk of
+# blocks (_CHUNK_BLOCKS x 32 elements, 8 KiB of float32: it stays in L1) to float32 with the
+# intrinsics below, exactly (the values the type table's dequantize gives: F32 as is, F16 by
+# the vector `fpext`, which LLVM lowers to vcvtph2ps where the host has it, BF16 by a shift),
+# and each block's load also yields a bit mask of its non-finite elements. Then the chunk goes
+# through `_quantize_blocks` itself, the float32 kernel the wrappers above run, viewed read-only
+# so that it is the same compiled specialization (one compile of the quantizer for both paths).
+# So the output is byte-identical to `quantize(dequantize(src))`, without a float32 copy of the
+# input and without a separate finiteness pass: the first non-finite element stops the kernel,
+# which returns its index (-1: all finite, every block written).
+#
+# `_quantize_from_kernel` is compiled for one explicit signature on first use (read-only
+# input; the source type and the block type are run-time ints).
+
+_CHUNK_BLOCKS = 64
+
+
+def _source_block_intrinsic(src_id):
+    @intrinsic
+    def load_block(typingctx, src, o, xb, i):
+        """xb[i:i+32] = the 32 elements at src[o:] (F32/F16/BF16 bytes) as float32; returns a
+        bit mask of the non-finite ones (bit j: element j)."""
+        sig = types.int64(src, types.int64, xb, types.int64)
+
+        def codegen(context, builder, sig, args):
+            ptr = _byte_ptr(context, builder, sig, args)
+            w = _emit_element_weights(builder, ptr, src_id, QK)
+            _store(builder, w, _data_ptr(context, builder, sig.args[2], args[2], args[3]))
+            exp = builder.and_(builder.bitcast(w, _vt(_I32, QK)),
+                               _const_vec(_I32, [0x7F800000] * QK))
+            bad = builder.icmp_unsigned("==", exp, _const_vec(_I32, [0x7F800000] * QK))
+            return builder.zext(builder.bitcast(bad, _I32), _I64)
+
+        return sig, codegen
+
+    return load_block
+
+
+_src_f32, _src_f16, _src_bf16 = (_source_block_intrinsic(T_F32), _source_block_intrinsic(T_F16),
+                                 _source_block_intrinsic(T_BF16))
+
+
+@intrinsic
+def _read_only(typingctx, a):
+    """The same array typed read-only (no copy): a kernel compiled for read-only input then
+    takes it with its existing specialization."""
+    if not isinstance(a, types.Array) or a.mutable is False:
+        return None
+    sig = a.copy(readonly=True)(a)
+
+    def codegen(context, builder, sig, args):
+        context.nrt.incref(builder, sig.args[0], args[0])
+        return args[0]
+
+    return sig, codegen
+
+
+@kernel
+def _quantize_from_kernel(src, src_id, out, kind):
+    """src: n elements of type src_id (F32/F16/BF16 bytes), n % 32 == 0; out: uint8 of
+    n // 32 blocks of `kind`, as ggml's quantize_row_*_ref. Returns -1, or the index of the
+    first non-finite element (then out is written only up to some block before it)."""
+    five = kind == _Q5_0 or kind == _Q5_1
+    has_min = kind == _Q4_1 or kind == _Q5_1
+    bb = 2 + (2 if has_min else 0) + (4 if five else 0) + (32 if kind == _Q8_0 else 16)
+    es = 2 if src_id == T_F16 or src_id == T_BF16 else 4
+    nb = out.size // bb
+    buf = np.empty(_CHUNK_BLOCKS * QK, np.float32)
+    for c0 in range(0, nb, _CHUNK_BLOCKS):
+        c1 = min(nb, c0 + _CHUNK_BLOCKS)
+        for b in range(c0, c1):
+            i = (b - c0) * QK
+            if src_id == T_F16:
+                bad = _src_f16(src, es * QK * b, buf, i)
+            elif src_id == T_BF16:
+                bad = _src_bf16(src, es * QK * b, buf, i)
+            else:
+                bad = _src_f32(src, es * QK * b, buf, i)
+            if bad != 0:
+                j = 0
+                while (bad >> j) & 1 == 0:
+                    j += 1
+                return b * QK + j
+        _quantize_blocks(_read_only(buf[:(c1 - c0) * QK]), out[c0 * bb:c1 * bb], kind)
+    return -1
+
+
+# ggml type id of a block type -> its `kind` code in `_quantize_blocks`
+_KIND_OF = {T_Q4_0: _Q4_0, T_Q4_1: _Q4_1, T_Q5_0: _Q5_0, T_Q5_1: _Q5_1, T_Q8_0: _Q8_0}
+# ggml type id of a source type the fused quantizer reads -> bytes per element
+_SOURCE_BYTES = {T_F32: 4, T_F16: 2, T_BF16: 2}
+
+_SIGNATURES["quantize_from"] = (_quantize_from_kernel, types.int64(
+    _ro(types.uint8), types.int64, _rw(types.uint8), types.int64))
+
+
+def can_quantize_from(source_id: int, type_id: int) -> bool:
+    """Whether `quantize_from` runs fused for this pair (else callers dequantize first)."""
+    return source_id in _SOURCE_BYTES and type_id in _KIND_OF
+
+
+def quantize_from(source_id: int, type_id: int, src, out: np.ndarray | None = None):
+    """F32/F16/BF16 bytes (`source_id`, a ggml type id; any buffer of whole 32-element blocks)
+    -> block type `type_id`, byte-identical to quantizing the exactly dequantized values.
+
+    Returns (out, bad): out is uint8[n // 32 * block_bytes] (`out` if given, which must be that
+    size), bad is -1, or the index of the first non-finite element, in which case out is only
+    partly written and must not be used.
+    """
+    kind = _KIND_OF.get(type_id)
+    es = _SOURCE_BYTES.get(source_id)
+    if kind is None or es is None:
+        raise BadInput(f"quantize_from: no fused kernel from type id {source_id!r} to "
+                       f"{type_id!r} (sources: F32, F16, BF16; targets: the block types)")
+    raw = np.ascontiguousarray(src).reshape(-1).view(np.uint8) if isinstance(src, np.ndarray) \
+        else np.frombuffer(src, dtype=np.uint8)
+    name = _NAMES[kind]
+    if raw.size % (QK * es):
+        raise BadInput(f"quantize {name} needs whole blocks of {QK} values ({QK * es} bytes), "
+                       f"got {raw.size} bytes")
+    nb = raw.size // (QK * es)
+    if out is None:
+        out = np.empty(nb * _BLOCK_BYTES[kind], dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (nb * _BLOCK_BYTES[kind],):
+        raise BadInput(f"quantize_from: out must be uint8[{nb * _BLOCK_BYTES[kind]}], got "
+                       f"{out.dtype} of shape {out.shape}")
+    try:
+        bad = _compiled("quantize_from")(raw, source_id, out, kind)
+    except TypeError:
+        raise BadInput("quantize_from needs C-contiguous arrays and a writable out") from None
+    return out, int(bad)

@@ -15,6 +15,25 @@ from . import kernels
 from .errors import BadInput
 
 
+class NonFiniteValue(BadInput):
+    """A NaN or Inf among values to quantize: `element` is its flat index in the input, `value`
+    the value (float32). Callers that know the tensor re-raise it with its name and offset."""
+
+    def __init__(self, element: int, value):
+        self.element = int(element)
+        self.value = np.float32(value)
+        super().__init__(f"non-finite weight {self.value} at element {self.element}")
+
+
+def first_non_finite(x: np.ndarray) -> int:
+    """Flat index of the first NaN/Inf in float32 `x`, or -1."""
+    # A float64 sum of float32 values cannot overflow, so it is finite iff every value is:
+    # one cheap pass instead of a boolean mask over the array.
+    if np.isfinite(np.sum(x, dtype=np.float64)):
+        return -1
+    return int(np.argmin(np.isfinite(x.reshape(-1))))
+
+
 def _f32_quantize(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
 
@@ -83,6 +102,35 @@ class QuantType:
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         out = self._quantize(flat)
         return out.reshape(-1, self.row_bytes(x.shape[-1]))
+
+    def quantize_from(self, source: "QuantType", data, n_cols: int) -> np.ndarray:
+        """Rows of `n_cols` values stored as `source` (bytes, any buffer) -> uint8
+        (rows, row_bytes) in this type: the same bytes as quantize(source.dequantize(data)),
+        refusing NaN/Inf with NonFiniteValue (the first one's flat element index).
+
+        F32/F16/BF16 into a block type runs fused, block by block (formats/kernels.py
+        `quantize_from`): no float32 copy of the input and no separate finiteness pass. Other
+        pairs dequantize, check, then quantize.
+        """
+        row_bytes = self.row_bytes(n_cols)
+        raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
+            else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        src_row = source.row_bytes(n_cols)
+        if raw.size % src_row:
+            raise BadInput(f"{source.name} rows of {n_cols} values are {src_row} bytes, "
+                           f"got {raw.size} bytes")
+        rows = raw.size // src_row
+        if kernels.can_quantize_from(source.id, self.id):
+            out, bad = kernels.quantize_from(source.id, self.id, raw)
+            if bad >= 0:
+                eb = source.block_bytes
+                raise NonFiniteValue(bad, source.dequantize(raw[bad * eb:(bad + 1) * eb], (1,))[0])
+            return out.reshape(rows, row_bytes)
+        x = source.dequantize(raw, (rows, n_cols))
+        bad = first_non_finite(x)
+        if bad >= 0:
+            raise NonFiniteValue(bad, x.reshape(-1)[bad])
+        return self.quantize(x)
 
     def dequantize(self, data, shape) -> np.ndarray:
         """Bytes (any buffer) -> float32 array of `shape`."""

@@ -14,7 +14,7 @@ import numpy as np
 from formats.arch import (HParams, RwkvVersion as V, detect_version,  # noqa: F401
                           expected_shapes, forward_order)
 from formats.errors import BadInput
-from formats.quants import QuantType, by_name
+from formats.quants import NonFiniteValue, QuantType, by_name, first_non_finite
 
 from .names import canonical_name, layer_of
 
@@ -48,17 +48,18 @@ class ModelTensor:
         return x
 
     def _check_finite(self, x: np.ndarray, first: int) -> None:
-        # A float64 sum of float32 values cannot overflow, so it is finite iff every value is:
-        # one cheap pass instead of a boolean mask over the tensor.
-        if np.isfinite(np.sum(x, dtype=np.float64)):
-            return
-        flat = x.reshape(-1)
-        idx = int(np.argmin(np.isfinite(flat)))
+        idx = first_non_finite(x)
+        if idx >= 0:
+            raise self._non_finite(first + idx, x.reshape(-1)[idx])
+
+    def _non_finite(self, element: int, value) -> BadInput:
+        """The error for a NaN/Inf at flat `element` of this tensor (byte offset when the source
+        stores one element per unit)."""
         offset = None
         if not self.transformed and not self.source.qtype.is_block:
-            offset = self.source.offset + (first + idx) * self.source.qtype.block_bytes
-        raise BadInput(f"non-finite weight {flat[idx]} at element {first + idx}",
-                       path=self.source.path, tensor=self.name, offset=offset)
+            offset = self.source.offset + element * self.source.qtype.block_bytes
+        return BadInput(f"non-finite weight {np.float32(value)} at element {element}",
+                        path=self.source.path, tensor=self.name, offset=offset)
 
     def raw(self) -> np.ndarray:
         """The source bytes, valid only for an untransformed tensor."""
@@ -83,6 +84,18 @@ class ModelTensor:
             x = self.source.qtype.dequantize(self.raw_rows(r0, r1), (r1 - r0, cols))
             self._check_finite(x, r0 * cols)
         return x
+
+    def quantize_rows(self, qtype: QuantType, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) stored as `qtype`: uint8 (r1 - r0, row bytes), NaN/Inf refused as in
+        values(). An untransformed tensor goes from its source bytes into the quantizer (fused,
+        without a float32 copy, for F32/F16/BF16 sources and block types)."""
+        if self.transformed:
+            return qtype.quantize(self.values_rows(r0, r1))
+        cols = self.shape[-1]
+        try:
+            return qtype.quantize_from(self.source.qtype, self.raw_rows(r0, r1), cols)
+        except NonFiniteValue as e:
+            raise self._non_finite(r0 * cols + e.element, e.value) from None
 
 
 class Model:

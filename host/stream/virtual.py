@@ -121,21 +121,35 @@ class VirtualStream:
 
     # -- sequential -------------------------------------------------------------------------
     def chunks(self, progress=None):
-        """The whole stream, front to back, in pieces (bytes-like); each tensor encoded once."""
+        """The whole stream, front to back, in pieces (bytes-like); each tensor encoded once.
+
+        Tensors are encoded in row slices straight to the consumer: nothing is cached (a
+        sequential pass never reads a tensor twice), each piece is CRC'd once as it goes by.
+        Tensors already in the cache (from read()) are served from it.
+        """
         lay = self.layout
         yield lay.header
         for rec in lay.records:
             yield self._record_header(rec)
             known = self._crc.get(rec.name)
             crc = 0
-            for _, piece in self._encoded_pieces(rec):
+            for piece in self._sequential_pieces(rec):
                 if known is None:
                     crc = zlib.crc32(piece, crc)
                 yield memoryview(piece)
-            crc = self._crc.get(rec.name, crc & 0xFFFFFFFF)
-            self._crc[rec.name] = crc
-            yield S.PayloadCrc.build(dict(data_crc=crc))
+            if known is None:
+                self._crc[rec.name] = known = crc & 0xFFFFFFFF
+            yield S.PayloadCrc.build(dict(data_crc=known))
             yield bytes(rec.end - rec.data_offset - rec.data_size - 4)
             if progress is not None:
                 progress(rec)
         yield self._tail
+
+    def _sequential_pieces(self, rec: RecordSpan):
+        cached = self._cache.get(rec.name)
+        if cached is not None:
+            yield cached
+            return
+        t = self.model[rec.name]
+        for r0, r1 in row_slices(t, rec.qtype):
+            yield encode_rows(t, rec.qtype, r0, r1)
