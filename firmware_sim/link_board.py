@@ -12,13 +12,13 @@ import select
 import socket
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 import numpy as np
 import serial
 
-from formats.errors import BadInput, RwkvStreamError, UsageError
+from formats.errors import BadInput, RwkvStreamError
 from formats.quants import TYPES, by_name
 from host.link import protocol as P
 from host.link.framing import Frame, Link, LinkError, LinkLost, encode_frame
@@ -45,36 +45,27 @@ class LinkProfile:
     chunk: int = 4096
 
 
-# Simple defaults until firmware_sim/profiles.py (named board profiles) provides them.
-BUILTIN_PROFILES = {
-    "rp2040": LinkProfile("rp2040", 264 * KIB, 0, 2 * MIB - 256 * KIB,
-                          ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
-                          max_payload=2048, window=4),
-    "esp32s3": LinkProfile("esp32s3", 512 * KIB, 8 * MIB, 16 * MIB - MIB),
-    "stm32h7": LinkProfile("stm32h7", 1024 * KIB, 0, 2 * MIB - 256 * KIB),
-    "sim": LinkProfile("sim", 64 * MIB, 0, 1 << 30),
-}
+# Link parameters per board; RAM and flash come from firmware_sim/profiles.py.
+LINK_DEFAULTS = {"rp2040": dict(max_payload=2048, window=4,
+                                types=("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")),
+                 "nrf52840": dict(max_payload=2048, window=4)}
+SIM = LinkProfile("sim", 64 * MIB, 0, 1 << 30)
 
 
-def profile(name: str) -> LinkProfile:
-    try:
-        from . import profiles as named            # another issue's board profiles, if present
-    except ImportError:
-        named = None
-    if named is not None:
-        table = getattr(named, "PROFILES", None) or getattr(named, "BOARDS", None) or {}
-        p = table.get(name) if hasattr(table, "get") else None
-        if p is not None:
-            get = (p.get if isinstance(p, dict) else lambda k, d=None: getattr(p, k, d))
-            base = BUILTIN_PROFILES.get(name, BUILTIN_PROFILES["sim"])
-            types = get("types", None) or base.types
-            return LinkProfile(name, int(get("ram", None) or get("sram", None) or base.ram),
-                               int(get("psram", 0) or 0), int(get("flash", None) or base.flash),
-                               tuple(getattr(t, "name", t) for t in types),
-                               base.max_payload, base.window, base.chunk)
-    if name not in BUILTIN_PROFILES:
-        raise UsageError(f"unknown board {name!r} (known: {', '.join(BUILTIN_PROFILES)})")
-    return BUILTIN_PROFILES[name]
+def profile(name: str, *, ram=None, psram=None, flash=None, types=None, chunk=None,
+            max_payload=None, window=None) -> LinkProfile:
+    """A board profile by name (firmware_sim/profiles.py, or "sim": 64 MiB, every type) with
+    the link's frame size and window, any field overridden."""
+    if name == "sim":
+        base = SIM
+    else:
+        from .profiles import get_profile
+        bp = get_profile(name)
+        base = LinkProfile(bp.name, bp.sram, bp.psram, bp.flash,
+                           **LINK_DEFAULTS.get(bp.name, {}))
+    over = dict(ram=ram, psram=psram, flash=flash, chunk=chunk, max_payload=max_payload,
+                window=window, types=tuple(types) if types else None)
+    return replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
 # -- a socket as a port ------------------------------------------------------------------------
@@ -163,12 +154,17 @@ class SimFlash:
 
 
 class FlashSource(ChunkSource):
-    def __init__(self, flash: SimFlash):
+    """The installed stream; between reads the board still answers the link (poll)."""
+
+    def __init__(self, flash: SimFlash, poll=None):
         super().__init__()
         self.flash = flash
         self.size = flash.size
+        self.poll = poll
 
     def _read(self, offset, view):
+        if self.poll:
+            self.poll()
         self.flash.f.seek(FLASH_DATA + offset)
         got = self.flash.f.readinto(view)
         if got != len(view):
@@ -219,6 +215,10 @@ class LinkBoard:
         finally:
             self.link = None
 
+    def _poll(self):
+        if self.link is not None:
+            self.link.pump(self.handle, 0)
+
     def _say(self, msg):
         if self.log:
             self.log(msg)
@@ -239,7 +239,9 @@ class LinkBoard:
             self.link._write(self.last_reply)           # a repeat: answer again, do not re-run
             return
         if self.busy is not None:
-            if key != self.busy:
+            if key == self.busy:                        # the host asks again: still at it
+                self.link.reply(frame, OP["WORKING"])
+            else:
                 self.link.error(frame, ERR["BUSY"])
             return
         handler = getattr(self, "do_" + frame.name.lower(), None)
@@ -310,7 +312,7 @@ class LinkBoard:
             board.load_state(old.state)
             board.tokens = old.tokens
         self.board, self.model_key = board, key
-        return b""
+        return P.MODEL_REP.pack(board.hp.n_vocab, board.info.tokenizer, board.hp.version.value, 0)
 
     def do_live(self, payload):
         if not self.live:
@@ -326,7 +328,7 @@ class LinkBoard:
         f = self.flash
         if f is None or f.state != COMPLETE:
             raise Fail(ERR["NOT_INSTALLED"])
-        return self._load(FlashSource(f), ("flash", f.crc))
+        return self._load(FlashSource(f, self._poll), ("flash", f.crc))
 
     def do_install(self, payload):
         f = self.flash

@@ -124,6 +124,9 @@ def cmd_bench(args):
     elif args.what == "sequence":
         from .bench_sequence import format_table, run
         rows = run()
+    elif args.what == "link":
+        from .bench_link import format_table, run
+        rows = run()
     else:
         from .bench_run import format_table, run
         rows = run(repeat=args.repeat)
@@ -258,10 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_link_commands(sub, _add_json, _add_quant)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    s.add_argument("what", choices=["quantize", "convert", "run", "sequence"],
+    s.add_argument("what", choices=["quantize", "convert", "run", "sequence", "link"],
                    help="quantize: kernels vs gguf-py; convert: checkpoint -> stream vs the bare "
                         "quantizer, and peak memory; run: simulated-board tokens/s vs a dense "
-                        "numpy forward; sequence: serial vs sequence vs batch passes")
+                        "numpy forward; sequence: serial vs sequence vs batch passes; link: "
+                        "serial-link efficiency and throughput through a pacing relay")
     s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
     s.add_argument("--repeat", type=int, default=3)
     _add_json(s)

@@ -32,6 +32,10 @@ class LinkTimeout(LinkError):
     pass
 
 
+class LinkLost(LinkError):
+    """The port or connection went away."""
+
+
 class BoardError(LinkError):
     def __init__(self, code: int, text: str = ""):
         self.code = code
@@ -84,6 +88,7 @@ class Pending:
     extend: bool           # any valid frame from the peer pushes the deadline out
     tries: int = 0
     last_sent: float = 0.0
+    retries: int = 0
 
 
 def hexdump(prefix: str, data: bytes, width: int = 32) -> str:
@@ -114,7 +119,7 @@ class Link:
         try:
             self.port.write(data)
         except (SerialException, OSError) as e:
-            raise LinkError(f"connection to the {self.peer} lost while writing ({e})") from None
+            raise LinkLost(f"connection to the {self.peer} lost while writing ({e})") from None
         self.stats["wire_out"] += len(data)
 
     def send(self, op: int, payload=b"", seq: int = 0, flags: int = 0) -> None:
@@ -129,13 +134,14 @@ class Link:
         self.reply(req, OP["ERROR"], ERROR_REP.pack(code) + text.encode("utf-8")[:200])
 
     def request(self, op: int, payload=b"", *, wait: float | None = None,
-                extend: bool = False) -> int:
+                extend: bool = False, retries: int | None = None) -> int:
         seq = self._seq
         self._seq = (self._seq + 1) & 0xFFFF
         wait = wait or self.timeouts.reply
         frame = encode_frame(op, 0, seq, payload)
         now = time.monotonic()
-        self.outstanding[seq] = Pending(op, frame, wait, now + wait, extend, 0, now)
+        self.outstanding[seq] = Pending(op, frame, wait, now + wait, extend, 0, now,
+                                        self.timeouts.retries if retries is None else retries)
         self._write(frame)
         self.stats["frames_out"] += 1
         self.stats["payload_out"] += len(payload)
@@ -148,15 +154,13 @@ class Link:
     def _retransmit(self, seq: int, p: Pending, now: float, timed_out: bool) -> None:
         if timed_out:
             p.tries += 1
-            if p.tries > self.timeouts.retries:
+            if p.tries > p.retries:
                 self.outstanding.clear()
                 raise LinkTimeout(
                     f"no answer from the {self.peer} to {OP_NAME.get(p.op, p.op)} after "
-                    f"{self.timeouts.retries} retransmissions ({self.timeouts.budget(p.wait):.1f} s)"
-                    + (f"; {self.garbage} bytes of garbage arrived: wrong baud rate or not an "
-                       "rwkv-stream board?" if self.garbage and not self.stats["frames_in"] else ""))
+                    f"{p.retries} retransmissions")
             p.wait = min(p.wait * BACKOFF, max(MAX_WAIT, p.wait))
-        p.deadline = now + p.wait
+            p.deadline = now + p.wait       # an early resend (NAK, gap) keeps the timer running
         p.last_sent = now
         self._write(p.frame)
         self.stats["retransmits"] += 1
@@ -177,7 +181,7 @@ class Link:
                     return b""
             data = self.port.read(1 << 16)
         except (SerialException, OSError, ValueError) as e:
-            raise LinkError(f"connection to the {self.peer} lost ({e})") from None
+            raise LinkLost(f"connection to the {self.peer} lost ({e})") from None
         if data:
             self.stats["wire_in"] += len(data)
             if self.trace:
@@ -216,6 +220,11 @@ class Link:
             if frame.op == OP["NAK"]:
                 self.stats["naks_in"] += 1
                 self._retransmit_all(now)
+            elif frame.is_reply and frame.op == OP["WORKING"]:
+                p = self.outstanding.get(frame.seq)     # still executing: keep waiting
+                if p is not None:
+                    p.tries, p.deadline = 0, now + p.wait
+                    self.stats["working"] += 1
             elif frame.is_reply:
                 p = self.outstanding.get(frame.seq)
                 if p is None or (frame.op != p.op and frame.op != OP["ERROR"]):
@@ -224,6 +233,12 @@ class Link:
                 del self.outstanding[frame.seq]
                 self.replies[frame.seq] = frame
                 self.stats["payload_in"] += len(frame.payload)
+                # Fast retransmit: a peer answers in order, so a request sent before this one
+                # and still unanswered was lost (or overtaken): send it again now.
+                for q in list(self.outstanding.values()):
+                    if q.last_sent < p.last_sent and not q.extend:
+                        self._retransmit(None, q, now, timed_out=False)
+                        self.stats["fast_retransmits"] += 1
             elif handler is not None:
                 self.stats["payload_in"] += len(frame.payload)
                 handler(frame)
@@ -238,19 +253,25 @@ class Link:
                 self._retransmit(seq, p, now, timed_out=True)
         return handled
 
-    def wait_reply(self, seq: int, handler=None) -> Frame:
-        while seq not in self.replies:
-            if seq not in self.outstanding:
-                raise LinkError("request cancelled")
-            self.pump(handler, wait=self.timeouts.reply)
-        frame = self.replies.pop(seq)
-        if frame.op == OP["ERROR"]:
+    def take(self, seq: int) -> Frame | None:
+        """The reply to `seq` if it has arrived (an ERROR reply is raised as BoardError)."""
+        frame = self.replies.pop(seq, None)
+        if frame is not None and frame.op == OP["ERROR"]:
             code, = ERROR_REP.unpack_from(frame.payload)
             raise BoardError(code, frame.payload[ERROR_REP.size:].decode("utf-8", "replace"))
         return frame
 
+    def wait_reply(self, seq: int, handler=None) -> Frame:
+        while True:
+            frame = self.take(seq)
+            if frame is not None:
+                return frame
+            if seq not in self.outstanding:
+                raise LinkError("request cancelled")
+            self.pump(handler, wait=self.timeouts.reply)
+
     def command(self, op: int, payload=b"", handler=None, *, wait: float | None = None,
-                extend: bool = False) -> bytes:
+                extend: bool = False, retries: int | None = None) -> bytes:
         """Send a request, serve the peer's requests meanwhile, return the reply's payload."""
-        return self.wait_reply(self.request(op, payload, wait=wait, extend=extend),
-                               handler).payload
+        return self.wait_reply(self.request(op, payload, wait=wait, extend=extend,
+                                            retries=retries), handler).payload

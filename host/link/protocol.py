@@ -32,14 +32,14 @@ def frame_overhead(payload: int) -> int:
 OPCODES = {
     "HELLO":    (0x01, "host",  "HelloReq", "Info"),
     "SET_BAUD": (0x02, "host",  "u32 baud", "empty (sent at the old rate)"),
-    "INSTALL":  (0x03, "host",  "InstallReq", "u64 resume offset"),
-    "LIVE":     (0x04, "host",  "LiveReq", "empty, once the board has parsed the header"),
-    "RUN_FLASH": (0x05, "host", "empty", "empty, once the board has parsed the header"),
+    "INSTALL":  (0x03, "host",  "InstallReq", "InstallRep, after the board pulled the rest"),
+    "LIVE":     (0x04, "host",  "LiveReq", "ModelRep, once the board has parsed the header"),
+    "RUN_FLASH": (0x05, "host", "empty", "ModelRep, once the board has parsed the header"),
     "EVAL":     (0x06, "host",  "EvalReq + u32 tokens", "EvalRep + u32 generated tokens"),
     "LOGITS":   (0x07, "host",  "u32 offset, u32 length", "that many bytes of the logits"),
     "RESET":    (0x08, "host",  "empty", "empty"),
     "READ":     (0x20, "board", "u64 offset, u32 length", "the stream's bytes [offset, +length)"),
-    "DONE":     (0x21, "board", "u64 size, u32 crc32", "empty (or ERROR CRC_MISMATCH)"),
+    "WORKING":  (0x7D, "board", "-", "empty: the request with this seq is still executing"),
     "ERROR":    (0x7E, "either", "-", "u16 code, UTF-8 text (a reply to any request)"),
     "NAK":      (0x7F, "either", "empty, seq 0: a corrupt frame arrived", "-"),
 }
@@ -79,13 +79,13 @@ def error_text(code: int) -> str:
 
 # -- message layouts --------------------------------------------------------------------------
 HELLO_REQ = struct.Struct("<HHI")          # version, reserved, host max payload
-INFO = struct.Struct("<HHIBBHIIIQIQIQ16s")  # see docs/protocol.md section 5
+INFO = struct.Struct("<HHIBBHIIIQQQII16s")  # see docs/protocol.md section 5
 CAP_INSTALL, CAP_LIVE, CAP_INSTALLED = 1, 2, 4
 INSTALL_REQ = struct.Struct("<QI")          # size, whole-stream crc32
 LIVE_REQ = struct.Struct("<QQ")             # size, end of the last tensor record (read-ahead cap)
+MODEL_REP = struct.Struct("<IBBH")          # n_vocab, tokenizer, arch, reserved
 READ_REQ = struct.Struct("<QI")             # offset, length
-RESUME = struct.Struct("<Q")
-DONE_REQ = struct.Struct("<QI")
+INSTALL_REP = struct.Struct("<QQI4x")      # resumed from, size, crc32 the board computed over flash
 EVAL_REQ = struct.Struct("<IHHB3x")         # position, n tokens, n to generate, flags
 EVAL_REP = struct.Struct("<IH2x")           # position after, n generated
 EVAL_KEEP_LOGITS = 1                        # (logits are always kept; reserved)
@@ -115,13 +115,13 @@ class BoardInfo:
     def pack(self) -> bytes:
         return INFO.pack(self.version, self.caps, self.max_payload, self.window,
                          len(self.types), 0, self.ram, self.psram, self.chunk, self.flash,
-                         self.tokens, self.installed_size, self.installed_crc, self.verified,
+                         self.installed_size, self.verified, self.installed_crc, self.tokens,
                          self.name.encode("ascii")[:NAME_SIZE]) + bytes(self.types)
 
     @classmethod
     def unpack(cls, data: bytes) -> "BoardInfo":
-        (version, caps, max_payload, window, n_types, _, ram, psram, chunk, flash, tokens,
-         isize, icrc, verified, name) = INFO.unpack_from(data)
+        (version, caps, max_payload, window, n_types, _, ram, psram, chunk, flash, isize,
+         verified, icrc, tokens, name) = INFO.unpack_from(data)
         types = tuple(data[INFO.size:INFO.size + n_types])
         return cls(version, caps, max_payload, window, types, ram, psram, chunk, flash, tokens,
                    isize, icrc, verified, name.rstrip(b"\0").decode("ascii", "replace"))
@@ -133,9 +133,8 @@ BACKOFF = 2.0               # each retransmission waits this many times longer
 MAX_WAIT = 2.0              # ... but never more than this (seconds)
 TURNAROUND = 0.02           # seconds a side may take to start answering (OS, USB polling)
 MIN_REPLY_TIMEOUT = 0.05
-HANDSHAKE_TIMEOUT = 0.5     # first HELLO wait; a board may still be booting
-HANDSHAKE_RETRIES = 8
-EVAL_TIMEOUT = 30.0         # a pass without link traffic (a board running from flash)
+HANDSHAKE_TIMEOUT = 0.25    # first HELLO wait; a board may still be booting
+HANDSHAKE_RETRIES = 4
 NOMINAL_BAUD = 921600       # what sockets and ptys are treated as when no --baud is given
 
 
@@ -143,7 +142,6 @@ NOMINAL_BAUD = 921600       # what sockets and ptys are treated as when no --bau
 class Timeouts:
     reply: float            # first wait for the answer to a request
     handshake: float
-    eval: float
     retries: int = RETRIES
 
     def budget(self, first: float | None = None) -> float:
@@ -161,5 +159,4 @@ def timeouts_for(baud: int | None, max_payload: int = DEFAULT_MAX_PAYLOAD,
     byte_time = 10.0 / (baud or NOMINAL_BAUD)
     frame = (max_payload + frame_overhead(max_payload)) * byte_time
     reply = max(MIN_REPLY_TIMEOUT, TURNAROUND + (window + 2) * frame) * scale
-    return Timeouts(reply=reply, handshake=max(HANDSHAKE_TIMEOUT, reply) * scale,
-                    eval=EVAL_TIMEOUT * scale)
+    return Timeouts(reply=reply, handshake=max(HANDSHAKE_TIMEOUT, reply) * scale)
