@@ -84,7 +84,9 @@ def test_live_over_a_clean_port_matches_the_file(kind, model, data):
     with Rig(kind) as rig:
         gen, logits, h = live_logits(rig, model)
         assert np.array_equal(logits, expected(data, TOKENS, gen))
-        assert h.link.stats["retransmits"] == 0
+        # a clean cable corrupts nothing (a slow board under load may still cost a timeout
+        # retransmission, which is not an error)
+        assert h.link.stats["corrupt"] == 0 and h.link.stats["naks_in"] == 0
 
 
 @pytest.mark.parametrize("kind", ["pty", "socket"])
