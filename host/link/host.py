@@ -24,7 +24,10 @@ END_RECORD_SIZE = 48
 
 
 def open_port(url: str, baud: int | None = None):
-    """A pyserial port for a tty, a pty path or socket://HOST:PORT, or one clear error."""
+    """A pyserial port for a tty, a pty path, socket://HOST:PORT or rwkvsim://BOARD (an
+    in-process simulated board), or one clear error."""
+    if "host.link" not in serial.protocol_handler_packages:
+        serial.protocol_handler_packages.append("host.link")
     try:
         port = serial.serial_for_url(url, baudrate=baud or P.NOMINAL_BAUD, timeout=0,
                                      write_timeout=10, exclusive=True, do_not_open=True)
