@@ -86,6 +86,11 @@ def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int
                            "recurrent state (rwkv.cpp's layout), one per sequence"))
     if logits:
         plan.append(BufferSpec("logits", "f4", (batch, Vn), True, "logits, one row per sequence"))
+    else:
+        # no room for the logits: the head's rows stream through this window and a sampler
+        # keeps only the best (greedy or Gumbel-max) token; a head row is at least 16 bytes
+        plan.append(BufferSpec("head_rows", "f4", (max(1, chunk_bytes // 16),), False,
+                               "logits of the head rows in the chunk (streamed sampling)"))
     return plan
 
 

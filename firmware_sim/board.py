@@ -106,15 +106,21 @@ class Board:
 
     def __init__(self, source, *, ram: int | None = None, psram: int = 0, chunk: int = 4096,
                  mode: str = "float", logits: bool = True, check_crc: bool = True,  # once each
-                 columns: int = 1, batch: bool = False):
+                 columns: int = 1, batch: bool = False, xip: bool = False):
         """`columns`: tokens per pass over the weights -- K prompt tokens of one sequence
-        (sequence mode), or with `batch` one token of each of K independent sequences."""
+        (sequence mode), or with `batch` one token of each of K independent sequences.
+        `xip`: the stream is memory-mapped (installed in XIP flash): weights are read in place,
+        a chunk at a time, instead of being copied into the chunk buffer."""
         if chunk < MIN_CHUNK:
             raise BadInput(f"--chunk {chunk} is below the minimum of {MIN_CHUNK} bytes (a "
                            "record header)")
         if mode not in ("float", "int8"):
             raise BadInput(f"--mode must be float or int8, not {mode!r}")
         self.source = source
+        if xip and not source.mapped:
+            raise BadInput("--xip needs a memory-mapped stream (a stream file), not a link or a "
+                           "checkpoint quantized on the fly")
+        self.xip = xip
         self.int8 = mode == "int8"
         self.check_crc = check_crc
         # A C board parses the header into a static struct before it carves its arena; the
@@ -138,6 +144,8 @@ class Board:
         self.emb_type = self._read_embedding_header()
         self.tokens = 0
         self.passes = 0
+        self.next_token = None          # set by a pass when logits stream through a sampler
+        self.temperature, self.rng = 0.0, np.random.default_rng()
         self.reset()
 
     # -- state --------------------------------------------------------------------------------
@@ -246,8 +254,11 @@ class Board:
         per = len(self.chunk) // q.block_bytes
         while n_blocks:
             nb = min(per, n_blocks)
-            view = self.chunk[:nb * q.block_bytes]
-            self.source.readinto(view)
+            if self.xip:
+                view = self.source.view(nb * q.block_bytes)
+            else:
+                view = self.chunk[:nb * q.block_bytes]
+                self.source.readinto(view)
             if crc and self._verifying:
                 self._crc = zlib.crc32(view, self._crc)
             yield view, nb
@@ -312,6 +323,37 @@ class Board:
                                 out[j], lanes[j])
             first += nb
 
+    def sample_head(self, suffix: str, x: np.ndarray) -> int:
+        """The next token from W @ x without storing the logits: rows stream through a small
+        window; greedy keeps the running argmax, a temperature adds Gumbel noise per row
+        (argmax of logit/T + Gumbel is an exact sample from softmax(logit/T))."""
+        q = self._begin(suffix)
+        a = self.arena
+        n = len(x)
+        nq = -(-n // 32)
+        xf, xq, xd, xs = a["act_f"][0, :n], a["act_q"][0, :nq * 32], a["act_d"][0], a["act_s"][0]
+        q.prepare_activation(self.int8, x, xf, xq, xd, xs)
+        window, lanes = a["head_rows"], a["lanes"][0]
+        bpr = n // q.block_size
+        rows_per = max(1, min(len(window), len(self.chunk) // q.row_bytes(n)))
+        best, best_score = -1, -np.inf
+        n_rows = self.hp.n_vocab
+        for r0 in range(0, n_rows, rows_per):
+            rows = min(rows_per, n_rows - r0)
+            out = window[:rows]
+            out[:] = 0
+            first = 0
+            for view, nb in self._blocks(q, rows * bpr):
+                q.matvec_blocks(self.int8, view, nb, first, bpr, xf, xq, xd, xs, out, lanes)
+                first += nb
+            score = out / self.temperature + self.rng.gumbel(size=rows) if self.temperature \
+                else out
+            j = int(np.argmax(score))
+            if score[j] > best_score:
+                best, best_score = r0 + j, score[j]
+        self._end()
+        return best
+
     # -- the model ---------------------------------------------------------------------------
     def eval(self, token: int) -> np.ndarray:
         """One token through the model; returns the logits buffer (valid until the next call)."""
@@ -328,7 +370,7 @@ class Board:
             forward_pass(self, tokens[start:start + self.columns], sequence=True)
             self.passes += 1
         self.tokens += len(tokens)
-        return self.arena["logits"][0]
+        return self.arena["logits"][0] if "logits" in self.arena.buffers else None
 
     def eval_batch(self, tokens) -> np.ndarray:
         """One token for each of the batch's sequences in one pass; logits (batch, n_vocab)."""

@@ -76,7 +76,9 @@ def forward_pass(b, tokens, sequence: bool) -> None:
         channel_mix(b, f, i, st, cols)
     ops.layer_norm(f.x, b.vector("ln_out.weight", f.par[0]), b.vector("ln_out.bias", f.par[1]),
                    hp.ln_eps, out=f.xn)
-    if sequence:        # only the last token's logits are needed: one row through the head
+    if f.logits is None:  # the logits do not fit: sample over the head rows as they stream
+        b.next_token = b.sample_head("head.weight", f.xn[k - 1])
+    elif sequence:      # only the last token's logits are needed: one row through the head
         b.matvec("head.weight", f.xn[k - 1:k], f.logits[0:1])
     else:
         b.matvec("head.weight", f.xn, f.logits[:k])             # logits = head @ LN(x)

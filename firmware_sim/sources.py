@@ -37,17 +37,44 @@ class ChunkSource:
     def _read(self, offset: int, view) -> None:
         raise NotImplementedError
 
+    # Memory-mapped sources (a stream installed in XIP flash) can hand out their own bytes: a
+    # board reads weights in place there instead of copying them into its chunk buffer.
+    mapped = False
+
+    def view(self, n: int) -> np.ndarray:
+        """The next n bytes in place (read-only), for mapped sources."""
+        if self.pos + n > self.size:
+            raise BadInput(f"stream ends at byte {self.size}; the board needed {n} bytes at "
+                           f"{self.pos}", offset=self.pos)
+        out = self._view(self.pos, n)
+        self.pos += n
+        self.bytes_read += n
+        return out
+
+    def _view(self, offset: int, n: int) -> np.ndarray:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
 
 class FileSource(ChunkSource):
+    mapped = True
+
     def __init__(self, path):
         super().__init__()
         self.path = str(path)
         self._f = open(path, "rb", buffering=0)
         self.size = self._f.seek(0, 2)
         self._at = None
+        self._map = None
+
+    def _view(self, offset, n):
+        if self._map is None:
+            import mmap
+            self._map = np.frombuffer(mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ),
+                                      np.uint8)
+        return self._map[offset:offset + n]
 
     def _read(self, offset, view):
         if self._at != offset:
@@ -65,10 +92,15 @@ class FileSource(ChunkSource):
 
 
 class BytesSource(ChunkSource):
+    mapped = True
+
     def __init__(self, data):
         super().__init__()
         self._data = memoryview(data).cast("B")
         self.size = len(self._data)
+
+    def _view(self, offset, n):
+        return np.frombuffer(self._data, np.uint8, n, offset)
 
     def _read(self, offset, view):
         view[:] = self._data[offset:offset + len(view)]

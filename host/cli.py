@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--board", help="a board profile: adds the time its links/flash would need "
                                    "to move the bytes read to the cost report")
     s.add_argument("--chunk", type=int, default=4096, help="chunk buffer bytes (default 4096)")
+    s.add_argument("--xip", action="store_true",
+                   help="the stream file is memory-mapped like XIP flash: read weights in place "
+                        "instead of copying them through the chunk buffer")
     s.add_argument("--no-crc", action="store_true",
                    help="do not check payload CRCs (by default the board checks each record's "
                         "CRC the first time it reads it)")

@@ -52,9 +52,8 @@ def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) 
         try:
             where = place(buffers, board.sram, board.psram)
             result["fits"] = True
-            result["logits"] = ("do not fit: sampling must run over the head rows as they "
-                                "stream (greedy or Gumbel-max); the simulator does not do this "
-                                "yet")
+            result["logits"] = ("do not fit: sampling runs over the head rows as they stream "
+                                "(greedy or Gumbel-max temperature sampling; no top-k/top-p)")
         except BudgetExceeded:
             where = {}
             result["fits"] = False

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from firmware_sim.arena import BudgetExceeded
 from firmware_sim.board import Board
 from firmware_sim.sources import FileSource, VirtualSource
 from formats import stream as S
@@ -67,8 +68,17 @@ def run(args) -> dict:
         raise UsageError("--logits-out needs the logits after every prompt token: it runs the "
                          "prompt one token per pass (drop --seq)")
     columns = _sequence_columns(source, args)
-    board = Board(source, ram=args.ram, psram=args.psram or 0, chunk=args.chunk,
-                  mode=args.mode, check_crc=not args.no_crc, columns=columns)
+    kw = dict(ram=args.ram, psram=args.psram or 0, chunk=args.chunk, mode=args.mode,
+              check_crc=not args.no_crc, columns=columns, xip=args.xip)
+    try:
+        board = Board(source, **kw)
+    except BudgetExceeded:
+        # no room for the logits: sample over the head rows as they stream (greedy/Gumbel-max)
+        if args.logits_out or args.top_k or args.top_p < 1:
+            raise
+        board = Board(source, logits=False, **kw)
+        board.temperature = args.temperature
+        board.rng = np.random.default_rng(args.seed)
     hp = board.hp
     if args.state_in:
         board.load_state(np.fromfile(args.state_in, "<f4"))
@@ -93,6 +103,7 @@ def run(args) -> dict:
         logits = logits_rows[-1]
     else:
         logits = board.eval_sequence(tokens)
+    streamed = logits is None
     prompt_passes = board.passes
     prompt_bytes = source.bytes_read - read0
     t_prompt = time.perf_counter() - t0
@@ -103,7 +114,7 @@ def run(args) -> dict:
     stopped = None
     t1 = time.perf_counter()
     for _ in range(args.n):
-        tok = sampler(logits)
+        tok = board.next_token if streamed else sampler(logits)
         generated.append(tok)
         if decoder:
             piece = decoder.push(tok)
@@ -131,6 +142,7 @@ def run(args) -> dict:
                   ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
                   ram_used=dict(board.arena.used), chunk=args.chunk,
                   sequence_columns=columns, prompt_passes=prompt_passes,
+                  logits="streamed through the sampler" if streamed else "in RAM",
                   prompt_bytes_read=prompt_bytes,
                   bytes_read_per_prompt_token=prompt_bytes // len(tokens),
                   bytes_read_per_generated_token=gen_bytes // n_gen if n_gen else None,
