@@ -64,6 +64,13 @@ def cmd_run(args):
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=1))
+    elif "texts" in result:
+        for n, text in enumerate(result["texts"]):
+            print(f"[{n}] {text}")
+        print(f"[batch of {result['batch']}: {result['passes']} passes, "
+              f"{result['bytes_read_per_pass']:,} bytes read per pass, "
+              f"{result['bytes_read_per_token']:,} per token; {result['tokens_per_second']} "
+              f"tokens/s simulated compute]", file=sys.stderr)
     else:
         r = result
         lines = [f"[{r['prompt_tokens']} prompt tokens in {r['prompt_passes']} passes "
@@ -203,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="file whose bytes are the prompt")
     g.add_argument("--prompt-tokens", help="comma-separated token ids")
+    g.add_argument("--batch-file", metavar="FILE",
+                   help="one prompt per line: all of them advance together, one pass over the "
+                        "weights per step (batch mode); texts printed at the end")
     s.add_argument("-n", type=int, default=0, help="tokens to generate")
     s.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (default 0: greedy)")

@@ -64,6 +64,9 @@ def _sequence_columns(source, args) -> int:
 
 def run(args) -> dict:
     source = open_source(args.model, args.quant, args.tensor_type)
+    if args.batch_file:
+        from .batch_cmd import run_batch
+        return run_batch(source, args)
     if args.logits_out and args.seq and args.seq > 1:
         raise UsageError("--logits-out needs the logits after every prompt token: it runs the "
                          "prompt one token per pass (drop --seq)")

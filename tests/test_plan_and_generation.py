@@ -128,3 +128,17 @@ def test_plan_sequence_figure_equals_a_measured_sequence_run():
     start = source.bytes_read
     board.eval_sequence(list(range(65, 65 + k)))
     assert source.bytes_read - start == r["bytes_per_prompt_token"] * k
+
+
+def test_run_batch_file_equals_separate_runs(tmp_path):
+    src = fp32_model("5v2-730K")
+    prompts = ["The quick brown", "Hello", "Once upon a time"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    proc = run_cli("run", src, "--batch-file", tmp_path / "p.txt", "-n", "6", "--quant", "Q8_0",
+                   "--json", check_status=0)
+    r = json.loads(proc.stdout)
+    assert r["batch"] == 3 and r["passes"] == len(prompts[2]) + 6 - 1
+    for prompt, text in zip(prompts, r["texts"]):
+        one = json.loads(run_cli("run", src, "--prompt", prompt, "-n", "6", "--quant", "Q8_0",
+                                 "--json", check_status=0).stdout)
+        assert one["text"] == text
