@@ -120,16 +120,22 @@ def time_mix_v4(b, f, i, st, cols):
 
 
 def channel_mix_v4(b, f, i, st, cols):
-    """v4 and v5: sigmoid(Wr xr) * (Wv relu²(Wk xk))"""
+    """v4 and v5: token shift by mixing, then the receptance-gated FFN"""
     C = b.hp.n_embd
-    p, par, mix, r, h = f"blocks.{i}.ffn.", f.par, f.mix, f.proj[0], f.hidden
+    p, par, mix = f"blocks.{i}.ffn.", f.par, f.mix
     xn = _norm_input(b, f, i, "ln2")
     prev = cols.shift(st, 0, C, xn, f.delta)
     ops.token_shift_mix(xn, prev, b.vector(p + "time_mix_k", par[2]), out=mix[0])
     ops.token_shift_mix(xn, prev, b.vector(p + "time_mix_r", par[3]), out=mix[1])
-    b.matvec(p + "receptance.weight", mix[1], r)
+    _gated_ffn(b, f, p, xk=mix[0], xr=mix[1])
+
+
+def _gated_ffn(b, f, p: str, xk, xr) -> None:
+    """x += sigmoid(Wr xr) * (Wv relu²(Wk xk))   (v4, v5, v6)"""
+    r, h = f.proj[0], f.hidden
+    b.matvec(p + "receptance.weight", xr, r)
     ops.sigmoid(r, out=r)
-    b.matvec(p + "key.weight", mix[0], h)
+    b.matvec(p + "key.weight", xk, h)
     ops.relu_squared(h)
     b.matvec(p + "value.weight", h, f.tmp)
     f.tmp *= r
@@ -217,20 +223,15 @@ def time_mix_v6(b, f, i, st, cols):
 
 
 def channel_mix_v6(b, f, i, st, cols):
+    """v6: token shift by lerp, then the receptance-gated FFN"""
     C = b.hp.n_embd
-    p, par, mix, r, h = f"blocks.{i}.ffn.", f.par, f.mix, f.proj[0], f.hidden
+    p, par, mix = f"blocks.{i}.ffn.", f.par, f.mix
     xn = _norm_input(b, f, i, "ln2")
     delta = cols.shift(st, 0, C, xn, f.delta)
     delta -= xn
     ops.shift_lerp(xn, delta, b.vector(p + "time_maa_k", par[2]), out=mix[0])
     ops.shift_lerp(xn, delta, b.vector(p + "time_maa_r", par[3]), out=mix[1])
-    b.matvec(p + "receptance.weight", mix[1], r)
-    ops.sigmoid(r, out=r)
-    b.matvec(p + "key.weight", mix[0], h)
-    ops.relu_squared(h)
-    b.matvec(p + "value.weight", h, f.tmp)
-    f.tmp *= r
-    f.x += f.tmp
+    _gated_ffn(b, f, p, xk=mix[0], xr=mix[1])
 
 
 # -- RWKV-7 -----------------------------------------------------------------------------------
