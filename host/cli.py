@@ -97,6 +97,13 @@ def cmd_plan(args):
     return 0 if result["fits"] else 1
 
 
+def cmd_demo(args):
+    from .demo import main_demo
+    result = main_demo(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+
+
 def cmd_synth(args):
     from formats.arch import RwkvVersion
     from formats.quants import by_name
@@ -147,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "run. See docs/cli.md for the shared flags and exit statuses.")
     p.add_argument("--version", action="version", version=f"rwkv-stream {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="the whole pipeline with the bundled model, no board needed",
+                       description="Quantize the bundled tiny model on the fly, install it over "
+                                   "a real pty into a simulated board, generate text from the "
+                                   "board's flash, and print what it cost.")
+    s.add_argument("--board", default="rp2350", help="board profile (default rp2350)")
+    s.add_argument("--quant", default="Q5_1", help="type for the matrices (default Q5_1)")
+    s.add_argument("--prompt", default="The ", help="prompt text")
+    s.add_argument("-n", type=int, default=120, help="bytes to generate (default 120)")
+    s.add_argument("--model", help=argparse.SUPPRESS)
+    _add_json(s)
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("inspect", help="version, dimensions and every tensor of a model file",
                        description="Show a model file's RWKV version, dimensions and every "
