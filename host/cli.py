@@ -143,7 +143,7 @@ def cmd_bench(args):
         rows = run()
     else:
         from .bench_run import format_table, run
-        rows = run(repeat=args.repeat)
+        rows = run(repeat=args.repeat, **({"quants": (args.quant,)} if args.quant else {}))
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
 
 
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "serial-link efficiency and throughput through a pacing relay")
     s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
     s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--quant", metavar="TYPE", help="bench run: only this type (default F16, "
+                                                   "Q8_0, Q5_1, Q4_0)")
     _add_json(s)
     s.set_defaults(func=cmd_bench)
     return p
