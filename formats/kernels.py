@@ -296,34 +296,44 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _quantize(kind: int, x) -> np.ndarray:
-    name = _NAMES[kind]
+def run_quantize(kernel, kind: int, name: str, block_size: int, block_bytes: int,
+                 x) -> np.ndarray:
+    """Validate a 1-D float32 input, allocate, and run a block-quantize kernel (shared by the
+    ggml types here and the k-quants in kquants.py)."""
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
         got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
                else type(x).__name__)
         raise BadInput(f"quantize {name} needs a 1-D float32 array, got {got}")
-    if x.size % QK:
-        raise BadInput(f"quantize {name} needs a multiple of {QK} values, got {x.size}")
+    if x.size % block_size:
+        raise BadInput(f"quantize {name} needs a multiple of {block_size} values, got {x.size}")
     x = _readonly(np.ascontiguousarray(x))
-    out = np.empty(x.size // QK * _BLOCK_BYTES[kind], dtype=np.uint8)
-    _quantize_blocks(x, out, kind)
+    out = np.zeros(x.size // block_size * block_bytes, dtype=np.uint8)
+    kernel(x, out, kind)
     return out
 
 
-def _dequantize(kind: int, data) -> np.ndarray:
-    name = _NAMES[kind]
-    bb = _BLOCK_BYTES[kind]
+def run_dequantize(kernel, kind: int, name: str, block_size: int, block_bytes: int,
+                   data) -> np.ndarray:
+    """Validate whole blocks of uint8 input, allocate, and run a block-dequantize kernel."""
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
         got = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
                else type(data).__name__)
         raise BadInput(f"dequantize {name} needs a 1-D uint8 array, got {got}")
-    if data.size % bb:
-        raise BadInput(f"dequantize {name} needs a multiple of {bb} bytes ({bb}-byte blocks), "
-                       f"got {data.size}")
+    if data.size % block_bytes:
+        raise BadInput(f"dequantize {name} needs a multiple of {block_bytes} bytes "
+                       f"({block_bytes}-byte blocks of {block_size} values), got {data.size}")
     data = _readonly(np.ascontiguousarray(data))
-    out = np.empty(data.size // bb * QK, dtype=np.float32)
-    _dequantize_blocks(data, out, kind)
+    out = np.empty(data.size // block_bytes * block_size, dtype=np.float32)
+    kernel(data, out, kind)
     return out
+
+
+def _quantize(kind: int, x) -> np.ndarray:
+    return run_quantize(_quantize_blocks, kind, _NAMES[kind], QK, _BLOCK_BYTES[kind], x)
+
+
+def _dequantize(kind: int, data) -> np.ndarray:
+    return run_dequantize(_dequantize_blocks, kind, _NAMES[kind], QK, _BLOCK_BYTES[kind], data)
 
 
 def quantize_q4_0(x: np.ndarray) -> np.ndarray:

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BadInput
 from .jit import kernel
-from .kernels import _f16_bits_to_f32, _f32_bits, _f32_to_f16_bits, _readonly
+from .kernels import (_f16_bits_to_f32, _f32_bits, _f32_to_f16_bits, run_dequantize,
+                      run_quantize)
 
 QK_K = 256
 
@@ -607,33 +607,12 @@ def _dequantize_blocks(data, out, kind):
 # Public wrappers: validate, allocate, call
 
 def _quantize(kind: int, x) -> np.ndarray:
-    name = _NAMES[kind]
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1:
-        got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
-               else type(x).__name__)
-        raise BadInput(f"quantize {name} needs a 1-D float32 array, got {got}")
-    if x.size % QK_K:
-        raise BadInput(f"quantize {name} needs a multiple of {QK_K} values, got {x.size}")
-    x = _readonly(np.ascontiguousarray(x))
-    out = np.zeros(x.size // QK_K * _BLOCK_BYTES[kind], dtype=np.uint8)
-    _quantize_blocks(x, out, kind)
-    return out
+    return run_quantize(_quantize_blocks, kind, _NAMES[kind], QK_K, _BLOCK_BYTES[kind], x)
 
 
 def _dequantize(kind: int, data) -> np.ndarray:
-    name = _NAMES[kind]
-    bb = _BLOCK_BYTES[kind]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
-        got = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-               else type(data).__name__)
-        raise BadInput(f"dequantize {name} needs a 1-D uint8 array, got {got}")
-    if data.size % bb:
-        raise BadInput(f"dequantize {name} needs a multiple of {bb} bytes ({bb}-byte blocks "
-                       f"of {QK_K} values), got {data.size}")
-    data = _readonly(np.ascontiguousarray(data))
-    out = np.empty(data.size // bb * QK_K, dtype=np.float32)
-    _dequantize_blocks(data, out, kind)
-    return out
+    return run_dequantize(_dequantize_blocks, kind, _NAMES[kind], QK_K, _BLOCK_BYTES[kind],
+                          data)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
