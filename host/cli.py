@@ -318,11 +318,15 @@ def main(argv=None) -> int:
     except RwkvStreamError as e:
         print(f"rwkv-stream: error: {e.line()}", file=sys.stderr)
         return e.exit_status
+    except BrokenPipeError:     # the reader of our stdout went away (e.g. `| head`)
+        return 1
+    except OSError as e:        # a file the user named cannot be read or written
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"rwkv-stream: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rwkv-stream: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 1
     return status or 0
 
 

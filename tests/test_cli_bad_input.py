@@ -169,3 +169,17 @@ def test_synth_writes_a_loadable_model(arch, tmp_path):
         assert info["head_size"] == 32 and info["n_head"] == 2
     q = tmp_path / "q.bin"
     run_cli("convert", out, "-o", q, "--quant", "Q5_1", check_status=0)
+
+
+@pytest.mark.parametrize("command", [["validate"], ["inspect"], ["run", "--prompt", "x"],
+                                     ["plan", "--board", "rp2040"]])
+def test_missing_files_are_one_line_for_every_command(command, tmp_path):
+    missing = tmp_path / "nope.rwks"
+    proc = run_cli(command[0], missing, *command[1:])
+    _assert_one_line_error(proc, "nope.rwks")
+
+
+def test_output_into_a_missing_folder_is_one_line(tmp_path):
+    proc = run_cli("convert", fp32_model("4v0-660K"), "-o", tmp_path / "no" / "x.bin", "--quant",
+                   "Q4_0")
+    _assert_one_line_error(proc, "no")

@@ -16,7 +16,7 @@ import numpy as np
 
 from formats import stream as S
 from formats.arch import RwkvVersion
-from formats.errors import CheckFailed
+from formats.errors import BadInput, CheckFailed
 from formats.quants import QuantType, by_id
 
 from ..model import HParams, expected_shapes, forward_order
@@ -40,6 +40,9 @@ class StreamFile:
 
     def __init__(self, path):
         self.path = str(path)
+        if not os.path.isfile(path):
+            raise BadInput("no such file" if not os.path.exists(path) else "not a file",
+                           path=path)
         size = os.path.getsize(path)
         self.size = size
         if size == 0:
