@@ -29,7 +29,7 @@ class ChunkSource:
         n = len(view)
         if self.pos + n > self.size:
             raise BadInput(f"stream ends at byte {self.size}; the board needed {n} bytes at "
-                           f"{self.pos}", offset=self.pos)
+                           f"{self.pos}", path=getattr(self, "path", None), offset=self.pos)
         self._read(self.pos, view)
         self.pos += n
         self.bytes_read += n

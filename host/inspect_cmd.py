@@ -10,9 +10,9 @@ def describe_stream(path) -> dict:
     """The record map of a stream, what a board reads per token, and bits per weight."""
     from formats import stream as S
     from .stream.reader import StreamFile
-    sf = StreamFile(path)
+    sf = StreamFile.for_input(path)
     try:
-        records = sf.walk()
+        records = sf.walk_as_input()
         tensors = [r for r in records if r.kind == S.RecordKind.TENSOR]
         n_weights = sum(math.prod(r.shape) for r in tensors)
         payload = sum(r.data_size for r in tensors)

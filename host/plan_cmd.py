@@ -17,9 +17,9 @@ def _layout(model_path, quant, overrides):
         is_stream = f.read(4) == S.MAGIC
     if is_stream:
         from .stream.reader import StreamFile
-        sf = StreamFile(model_path)
+        sf = StreamFile.for_input(model_path)
         try:
-            recs = [r for r in sf.walk() if r.kind == S.RecordKind.TENSOR]
+            recs = [r for r in sf.walk_as_input() if r.kind == S.RecordKind.TENSOR]
             row = recs[0].qtype.row_bytes(recs[0].shape[-1])
             return sf.hparams, sf.size, row + recs[-1].end - recs[0].end, \
                 {r.name: r.qtype.name for r in recs}, row

@@ -183,3 +183,16 @@ def test_output_into_a_missing_folder_is_one_line(tmp_path):
     proc = run_cli("convert", fp32_model("4v0-660K"), "-o", tmp_path / "no" / "x.bin", "--quant",
                    "Q4_0")
     _assert_one_line_error(proc, "no")
+
+
+def test_a_bad_stream_is_bad_input_except_for_validate(tmp_path):
+    good = tmp_path / "a.rwks"
+    run_cli("convert", fp32_model("4v0-660K"), "-o", good, "--quant", "Q4_0", check_status=0)
+    bad = tmp_path / "cut.rwks"
+    bad.write_bytes(good.read_bytes()[:5000])
+    for command in (["inspect"], ["plan", "--board", "rp2040"], ["run", "--prompt", "x"]):
+        _assert_one_line_error(run_cli(command[0], bad, *command[1:]), "cut.rwks")
+    proc = run_cli("validate", bad)
+    assert proc.returncode == 1 and b"cut.rwks" in proc.stderr
+    _assert_one_line_error(run_cli("convert", good, "-o", tmp_path / "x.bin", "--quant", "Q4_0"),
+                           "this is a stream")

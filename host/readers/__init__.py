@@ -21,6 +21,9 @@ def open_checkpoint(path) -> Checkpoint:
         raise BadInput("is a directory, expected a model file", path=path)
     with open(path, "rb") as f:
         head = f.read(16)
+    if head.startswith(b"RWKS"):
+        raise BadInput("this is a stream (.rwks), not a checkpoint: streams go to run, validate, "
+                       "inspect, plan and install", path=path, offset=0)
     if looks_like_rwkv_cpp(head):
         return RwkvCppCheckpoint(path)
     if head.startswith(b"PK\x03\x04"):

@@ -57,6 +57,21 @@ class StreamFile:
         self.plan = self._plan()
         self.records: list[Record] = []
 
+    @classmethod
+    def for_input(cls, path) -> "StreamFile":
+        """Opened as the input of a command other than validate: a bad stream is bad input
+        (exit 2), not a check's finding (exit 1)."""
+        try:
+            return cls(path)
+        except CheckFailed as e:
+            raise BadInput(e.message, path=e.path, tensor=e.tensor, offset=e.offset) from None
+
+    def walk_as_input(self) -> list[Record]:
+        try:
+            return self.walk()
+        except CheckFailed as e:
+            raise BadInput(e.message, path=e.path, tensor=e.tensor, offset=e.offset) from None
+
     def _fail(self, message, offset=None, record=None):
         raise CheckFailed(message, path=self.path, tensor=record, offset=offset)
 
