@@ -175,7 +175,9 @@ class Model:
         for name in forward_order(hp):
             if self._raw_source and name.endswith("att.x_rwkvag"):
                 prefix = name[: -len("x_rwkvag")]
-                parts = [self._source(prefix + m) for m in self._v7_mix_order(prefix)]
+                # rwkv.cpp concatenates att.x_* in state-dict key order and reads the slices as
+                # r, w, k, v, a, g; placing them by name converts any key order right.
+                parts = [self._source(prefix + m) for m in _V7_MIX]
                 out[name] = ModelTensor(
                     name, shapes[name], parts[0], True,
                     lambda parts=parts: np.concatenate(
@@ -199,11 +201,6 @@ class Model:
             raise BadInput(f"missing tensor {name!r} required by RWKV v{self.version.label}",
                            path=self.path)
         return self._by_canon[name]
-
-    def _v7_mix_order(self, prefix: str) -> list[str]:
-        # rwkv.cpp concatenates att.x_* in state-dict key order and reads slices as r,w,k,v,a,g;
-        # we place them by name so a checkpoint with another key order still converts right.
-        return _V7_MIX
 
     def _transform_for(self, name: str):
         """The raw -> stored transform of rwkv_spec.md section 3 (None: values unchanged).
