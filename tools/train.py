@@ -18,8 +18,8 @@ on the diagonal.  ``wkv_sequential`` is the token-by-token reference.
 
 Usage (the bundled model):
 
-    python tools/train.py --out host/data/tiny-rwkv-5v2-demo.pth
-    python tools/train.py --eval host/data/tiny-rwkv-5v2-demo.pth   # held-out bpb
+    python tools/train.py --out host/data/demo-rwkv-5v2-925k.pth
+    python tools/train.py --eval host/data/demo-rwkv-5v2-925k.pth   # held-out bpb
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def bits_per_byte(p: dict[str, torch.Tensor], data: bytes, ctx: int = 128, batch
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train the bundled tiny RWKV v5.2 byte model.")
-    ap.add_argument("--out", default="host/data/tiny-rwkv-5v2-demo.pth")
+    ap.add_argument("--out", default="host/data/demo-rwkv-5v2-925k.pth")
     ap.add_argument("--eval", metavar="PTH", help="only print the held-out bits per byte of PTH")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
