@@ -79,16 +79,23 @@ def _get_f16(data, o):
 
 
 @kernel
-def _make_qx_quants(x, nmax, L):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x*x. L gets l + nmax."""
-    n = x.size
+def _signed_max(x):
+    """(the first value of largest magnitude, its magnitude), as ggml's make_q*_quants scan."""
     mx = _F0
     amax = _F0
-    for i in range(n):
+    for i in range(x.size):
         ax = np.abs(x[i])
         if ax > amax:
             amax = ax
             mx = x[i]
+    return mx, amax
+
+
+@kernel
+def _make_qx_quants(x, nmax, L):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x*x. L gets l + nmax."""
+    n = x.size
+    mx, amax = _signed_max(x)
     if amax < _EPS:
         for i in range(n):
             L[i] = 0
@@ -130,13 +137,7 @@ def _make_qx_quants(x, nmax, L):
 def _make_q3_quants(x, nmax, L):
     """make_q3_quants(n, nmax, x, L, do_rmse=true). L gets l + nmax (0 if all ~zero)."""
     n = x.size
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = np.abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    mx, amax = _signed_max(x)
     if amax < _EPS:
         for i in range(n):
             L[i] = 0
