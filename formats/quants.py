@@ -65,14 +65,66 @@ def _bf16_dequantize(data: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class BoardOps:
+    """What a board runs for one type; the simulator reaches every kernel through these.
+
+    Signatures (all buffers preallocated by the caller; see formats/kernels.py for the ggml
+    types' contract, which every implementation follows):
+      prepare_activation(int8_mode, x, xf, xq, xd, xs)
+      matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs,
+                    out, row_state)
+      dequantize_into(buf, out)
+      count_blocks(buf, max_blocks) -> (n_blocks, n_bytes): variable-size types only -- how
+          many whole blocks start `buf`, and their bytes (a block's size is in its own header).
+    """
+
+    prepare_activation: Callable
+    matvec_blocks: Callable
+    dequantize_into: Callable
+    count_blocks: Callable | None = None
+
+
+def _ggml_ops(type_id: int) -> BoardOps:
+    return BoardOps(
+        lambda *a: kernels.prepare_activation(type_id, *a),
+        lambda *a: kernels.matvec_blocks(type_id, *a),
+        lambda buf, out: kernels.dequantize_into(type_id, buf, out))
+
+
+# Ids a plug-in may take (the stream's type field is one byte; ggml's own ids stay below 64).
+PLUGIN_IDS = range(192, 255)
+
+
+@dataclass(frozen=True)
 class QuantType:
     name: str
     id: int                      # ggml_type; also the stream's type id
     rwkv_cpp: int | None         # code in rwkv.cpp .bin files, None if rwkv.cpp lacks the type
     block_size: int              # elements per block
-    block_bytes: int             # bytes per block
+    block_bytes: int             # bytes per block; 0: variable-size blocks (rows of a record
+                                 # start with a row-offset table, docs/format.md)
     _quantize: Callable[[np.ndarray], np.ndarray]    # float32 1-D -> uint8 1-D
+    #                                                  (variable-size: float32 2-D -> payload)
     _dequantize: Callable[[np.ndarray], np.ndarray]  # uint8 1-D -> float32 1-D
+    #                                                  (variable-size: (payload, shape) -> 2-D)
+    ops: BoardOps | None = None  # None: ggml's kernels (formats/kernels.py) by id
+    fallback: str | None = None  # the type rows that are not whole blocks get instead
+    params: tuple[int, int] = (0, 0)      # the stream type table's param0/param1
+    max_block_bytes: int = 0     # variable-size: the largest block (a board's chunk holds one)
+    configure: Callable[[str], "QuantType"] | None = None   # "NAME:options" -> a variant
+    plugin: str | None = None    # the file that registered it (user types)
+
+    @property
+    def variable(self) -> bool:
+        return self.block_bytes == 0
+
+    @property
+    def board_ops(self) -> BoardOps:
+        return self.ops if self.ops is not None else _ggml_ops(self.id)
+
+    @property
+    def largest_block(self) -> int:
+        return self.max_block_bytes if self.variable else self.block_bytes
 
     @property
     def is_block(self) -> bool:
@@ -82,7 +134,12 @@ class QuantType:
     def bits_per_weight(self) -> float:
         return 8.0 * self.block_bytes / self.block_size
 
+    def fits(self, n_cols: int) -> bool:
+        return n_cols % self.block_size == 0
+
     def row_bytes(self, n_cols: int) -> int:
+        if self.variable:
+            raise BadInput(f"{self.name} rows have no fixed size (a variable-size type)")
         if n_cols % self.block_size:
             raise BadInput(f"{self.name} needs rows that are a multiple of {self.block_size} "
                            f"elements, got {n_cols}")
@@ -98,6 +155,12 @@ class QuantType:
         x = np.asarray(x)
         if x.ndim == 0:
             x = x.reshape(1)
+        if self.variable:
+            if x.shape[-1] % self.block_size:
+                raise BadInput(f"{self.name} needs rows that are a multiple of "
+                               f"{self.block_size} elements, got {x.shape[-1]}")
+            rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+            return self._quantize(rows)
         self.row_bytes(x.shape[-1])
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         out = self._quantize(flat)
@@ -105,16 +168,22 @@ class QuantType:
 
     def quantize_from(self, source: "QuantType", data, n_cols: int) -> np.ndarray:
         """Rows of `n_cols` values stored as `source` (bytes, any buffer) -> uint8
-        (rows, row_bytes) in this type: the same bytes as quantize(source.dequantize(data)),
+        (rows, row_bytes) in this type (variable-size types: the 1-D record payload): the same bytes as quantize(source.dequantize(data)),
         refusing NaN/Inf with NonFiniteValue (the first one's flat element index).
 
         F32/F16/BF16 into a block type runs fused, block by block (formats/kernels.py
         `quantize_from`): no float32 copy of the input and no separate finiteness pass. Other
         pairs dequantize, check, then quantize.
         """
-        row_bytes = self.row_bytes(n_cols)
         raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
             else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if self.variable or self.plugin:
+            x = source.dequantize(raw, (raw.size // source.row_bytes(n_cols), n_cols))
+            bad = first_non_finite(x)
+            if bad >= 0:
+                raise NonFiniteValue(bad, x.reshape(-1)[bad])
+            return self.quantize(x)
+        row_bytes = self.row_bytes(n_cols)
         src_row = source.row_bytes(n_cols)
         if raw.size % src_row:
             raise BadInput(f"{source.name} rows of {n_cols} values are {src_row} bytes, "
@@ -136,6 +205,8 @@ class QuantType:
         """Bytes (any buffer) -> float32 array of `shape`."""
         raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
             else np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if self.variable:
+            return self._dequantize(raw, tuple(shape)).reshape(shape)
         need = self.nbytes(shape)
         if raw.size != need:
             raise BadInput(f"{self.name} data of shape {tuple(shape)} needs {need} bytes, "
@@ -145,21 +216,28 @@ class QuantType:
     # -- what a board runs (the simulator reaches the kernels through these) -------------------
     def dequantize_into(self, buf: np.ndarray, out: np.ndarray) -> None:
         """Whole blocks in `buf` -> float32 `out`, without allocating."""
-        kernels.dequantize_into(self.id, buf, out)
+        self.board_ops.dequantize_into(buf, out)
 
     def prepare_activation(self, int8_mode: bool, x, xf, xq, xd, xs) -> None:
         """The matmul input in the form this type's dot needs (float, fp16-rounded, Q8_0, Q8_1)."""
-        kernels.prepare_activation(self.id, int8_mode, x, xf, xq, xd, xs)
+        self.board_ops.prepare_activation(int8_mode, x, xf, xq, xd, xs)
 
     def matvec_blocks(self, int8_mode: bool, buf, n_blocks: int, first_block: int,
                       blocks_per_row: int, xf, xq, xd, xs, out, row_state=None) -> None:
         """out[row] += dot(block, input) for a run of whole blocks of a row-major matrix;
         `row_state` carries a row cut by a run boundary to the next run (int8 mode)."""
-        kernels.matvec_blocks(self.id, int8_mode, buf, n_blocks, first_block, blocks_per_row,
-                              xf, xq, xd, xs, out, row_state)
+        self.board_ops.matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row,
+                                     xf, xq, xd, xs, out, row_state)
+
+    def count_blocks(self, buf, max_blocks: int) -> tuple[int, int]:
+        """(whole blocks at the start of buf, their bytes), at most max_blocks of them."""
+        if not self.variable:
+            n = min(max_blocks, len(buf) // self.block_bytes)
+            return n, n * self.block_bytes
+        return self.board_ops.count_blocks(buf, max_blocks)
 
 
-TYPES: tuple[QuantType, ...] = (
+BUILTIN_TYPES: tuple[QuantType, ...] = (
     QuantType("F32", 0, 0, 1, 4, _f32_quantize, _f32_dequantize),
     QuantType("F16", 1, 1, 1, 2, _f16_quantize, _f16_dequantize),
     QuantType("Q4_0", 2, 2, 32, 2 + 16, kernels.quantize_q4_0, kernels.dequantize_q4_0),
@@ -170,14 +248,32 @@ TYPES: tuple[QuantType, ...] = (
     QuantType("BF16", 30, None, 1, 2, _bf16_quantize, _bf16_dequantize),
 )
 
+# The table: built-in types, then types registered by plug-ins (formats/plugins.py).
+TYPES: list[QuantType] = list(BUILTIN_TYPES)
+
 _ALIASES = {"FP32": "F32", "FP16": "F16"}
 
 
+def register(qtype: QuantType) -> QuantType:
+    """Add a type to the table; its name and id must be new."""
+    for t in TYPES:
+        if t.name == qtype.name or t.id == qtype.id:
+            raise BadInput(f"type {qtype.name} (id {qtype.id}) clashes with {t.name} (id {t.id})")
+    TYPES.append(qtype)
+    return qtype
+
+
 def by_name(name: str) -> QuantType:
-    key = _ALIASES.get(name.upper(), name.upper())
+    """A type by name; "NAME:options" asks a configurable type (QX) for a variant."""
+    base, _, options = name.partition(":")
+    key = _ALIASES.get(base.upper(), base.upper())
     for t in TYPES:
         if t.name == key:
-            return t
+            if not options:
+                return t
+            if t.configure is None:
+                raise BadInput(f"quant type {t.name} takes no options (got {name!r})")
+            return t.configure(options)
     raise BadInput(f"unknown quant type {name!r} (known: {', '.join(t.name for t in TYPES)})")
 
 
@@ -185,6 +281,9 @@ def by_id(type_id: int) -> QuantType:
     for t in TYPES:
         if t.id == type_id:
             return t
+    if type_id in PLUGIN_IDS:
+        raise BadInput(f"type id {type_id} belongs to a plug-in type that is not loaded "
+                       "(load it with --plugin FILE)")
     raise BadInput(f"unknown type id {type_id}")
 
 
