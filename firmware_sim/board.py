@@ -8,6 +8,7 @@ lists. The forward pass (forward.py) asks for tensors in stream order through `v
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -16,7 +17,7 @@ import numpy as np
 from formats import board_constants as K
 from formats.arch import HParams, RwkvVersion, expected_shapes, forward_order
 from formats.errors import BadInput
-from formats.quants import QuantType, by_id
+from formats.quants import QuantType, stream_type
 
 from .arena import Arena, buffer_plan, required_bytes
 
@@ -77,15 +78,15 @@ def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
         crc = zlib.crc32(entry, crc)
         type_id = int(entry[K.TYPE_ENTRY_OFFSETS["id"]])
         name = bytes(entry[8:8 + K.TYPE_NAME_SIZE]).rstrip(b"\0").decode("ascii", "replace")
-        try:
-            q = by_id(type_id)
-        except BadInput:
-            q = None
         bs, bb = struct.unpack_from("<HH", entry, K.TYPE_ENTRY_OFFSETS["block_size"])
-        if q is None or (q.block_size, q.block_bytes) != (bs, bb):
+        off = K.HEADER_FIXED_SIZE + i * K.TYPE_ENTRY_SIZE
+
+        def refuse(_why, name=name, type_id=type_id, off=off):
             raise BadInput(f"the stream uses type {name!r} (id {type_id}), which this board "
-                           "does not implement", offset=K.HEADER_FIXED_SIZE + i * K.TYPE_ENTRY_SIZE)
-        types[type_id] = q
+                           "does not implement", offset=off)
+        types[type_id] = stream_type(type_id, name, bs, bb, struct.unpack_from(
+            "<II", entry, K.TYPE_ENTRY_OFFSETS["param0"]), refuse,
+            flags=int(entry[K.TYPE_ENTRY_OFFSETS["flags"]]))
     rest = n_tensors + (-n_tensors) % 4           # the per-tensor plan: a board needs only CRC it
     while rest:
         piece = buf[:min(rest, len(buf))]
@@ -128,7 +129,7 @@ class Board:
         staging = np.zeros(chunk, np.uint8)
         self.info = read_stream_info(source, np.zeros(K.HEADER_FIXED_SIZE, np.uint8), staging)
         self.hp = self.info.hparams
-        largest = max(q.block_bytes for q in self.info.types.values())
+        largest = max(q.largest_block for q in self.info.types.values())
         if chunk < largest:
             raise BadInput(f"--chunk {chunk} cannot hold one {largest}-byte block of this "
                            "stream's types")
@@ -141,6 +142,7 @@ class Board:
         self.arena = Arena(self.buffer_plan, self.ram_needed if ram is None else ram, psram)
         self.chunk = self.arena["chunk"]
         self._verified: set[int] = set()     # records whose payload CRC this board has checked
+        self._have = self._left = 0          # variable-size blocks: carried and unread bytes
         self.emb_type = self._read_embedding_header()
         self.tokens = 0
         self.passes = 0
@@ -247,10 +249,16 @@ class Board:
         # verifies its installed stream once); later passes trust it.
         self._verifying = self.check_crc and index not in self._verified
         self._next += 1
+        self._have = self._left = 0
+        if q.variable:
+            self._skip_row_table(size)
         return q
 
     def _blocks(self, q: QuantType, n_blocks: int, crc: bool = True):
         """Yield (chunk view, block count) runs of whole blocks, as many as the chunk holds."""
+        if q.variable:
+            yield from self._variable_blocks(q, n_blocks)
+            return
         per = len(self.chunk) // q.block_bytes
         while n_blocks:
             nb = min(per, n_blocks)
@@ -264,8 +272,69 @@ class Board:
             yield view, nb
             n_blocks -= nb
 
+    def _variable_blocks(self, q: QuantType, n_blocks: int):
+        """Runs of whole variable-size blocks (a record's rows, after its row-offset table): fill
+        the chunk, hand over the whole blocks at its front, move the cut block's bytes to the
+        front and fill again; those bytes wait there for the next run of the same record. A
+        board reading front to back needs no row offsets: every block says its own size. A
+        block that is not whole in a full chunk is a bad stream."""
+        chunk = self.chunk
+        name = self._record[0]
+        while n_blocks:
+            if self.xip:        # in place: look at the next chunk's worth, take whole blocks
+                view = self.source.peek(min(len(chunk), self._left))
+                nb, used = q.count_blocks(view, n_blocks)
+                self._check_whole(q, nb, name, 0)
+                view = self.source.view(used)
+                if self._verifying:
+                    self._crc = zlib.crc32(view, self._crc)
+                self._left -= used
+            else:
+                take = min(len(chunk) - self._have, self._left)
+                if take:
+                    piece = chunk[self._have:self._have + take]
+                    self.source.readinto(piece)
+                    if self._verifying:
+                        self._crc = zlib.crc32(piece, self._crc)
+                    self._left -= take
+                    self._have += take
+                nb, used = q.count_blocks(chunk[:self._have], n_blocks)
+                self._check_whole(q, nb, name, self._have)
+                view = chunk[:used]
+            yield view, nb
+            if not self.xip:
+                chunk[:self._have - used] = chunk[used:self._have]
+                self._have -= used
+            n_blocks -= nb
+
+    def _check_whole(self, q: QuantType, nb: int, name: str, have: int) -> None:
+        if nb == 0:
+            raise BadInput(f"a {q.name} block does not fit in the {len(self.chunk)}-byte chunk, "
+                           "or the payload ends inside a block", offset=self.source.pos - have,
+                           tensor=name)
+
+    def _skip_row_table(self, size: int) -> None:
+        """Read past a variable-size record's row-offset table (for its CRC only), and set up
+        the carry of the block reader."""
+        name = self._record[0]
+        n_rows = math.prod(self.info.shapes[name][:-1])
+        rest = 4 * (n_rows + 1)
+        self._have, self._left = 0, size - rest
+        if self._left < 0:
+            raise BadInput(f"a payload of {size} bytes cannot hold the row-offset table of "
+                           f"{n_rows} rows", offset=self.source.pos, tensor=name)
+        while rest:
+            piece = self.chunk[:min(rest, len(self.chunk))]
+            self.source.readinto(piece)
+            if self._verifying:
+                self._crc = zlib.crc32(piece, self._crc)
+            rest -= len(piece)
+
     def _end(self) -> None:
         name, offset, size, index = self._record
+        if self._have or self._left:
+            raise BadInput(f"{self._have + self._left} bytes after the last block of the "
+                           "record", offset=self.source.pos - self._have, tensor=name)
         end = offset + K.RECORD_HEADER_SIZE + size + K.RECORD_CRC_SIZE
         tail = self.chunk[:K.RECORD_CRC_SIZE + (-end) % K.ALIGN]
         self.source.readinto(tail)
@@ -335,7 +404,8 @@ class Board:
         q.prepare_activation(self.int8, x, xf, xq, xd, xs)
         window, lanes = a["head_rows"], a["lanes"][0]
         bpr = n // q.block_size
-        rows_per = max(1, min(len(window), len(self.chunk) // q.row_bytes(n)))
+        row_bytes = q.largest_block * bpr if q.variable else q.row_bytes(n)
+        rows_per = max(1, min(len(window), len(self.chunk) // row_bytes))
         best, best_score = -1, -np.inf
         n_rows = self.hp.n_vocab
         for r0 in range(0, n_rows, rows_per):

@@ -51,6 +51,13 @@ class ChunkSource:
         self.bytes_read += n
         return out
 
+    def peek(self, n: int) -> np.ndarray:
+        """The next n bytes in place, without moving past them (mapped sources)."""
+        if self.pos + n > self.size:
+            raise BadInput(f"stream ends at byte {self.size}; the board needed {n} bytes at "
+                           f"{self.pos}", offset=self.pos)
+        return self._view(self.pos, n)
+
     def _view(self, offset: int, n: int) -> np.ndarray:
         raise NotImplementedError
 

@@ -287,6 +287,48 @@ def by_id(type_id: int) -> QuantType:
     raise BadInput(f"unknown type id {type_id}")
 
 
+def stream_type(entry_id: int, entry_name: str, block_size: int, block_bytes: int,
+                params=(0, 0), fail: Callable[[str], None] | None = None,
+                path=None, flags: int = 0) -> QuantType:
+    """The loaded type a stream's type-table entry names. Every reader of a stream (validate,
+    inspect, run, the board, the link host) resolves its type table here: a stream carries a
+    plug-in type's name, id, block geometry and params, never its code.
+
+    A plug-in id (PLUGIN_IDS) whose type is not loaded: BadInput (exit 2, whatever the command)
+    naming the type by name and id and saying to pass --plugin. An id this tool does not know,
+    or an entry whose name, block size or block bytes (for a plug-in type also params) disagree
+    with the loaded type: `fail(message)` (the caller's error and offset), default BadInput."""
+    def bad(message):
+        if fail is not None:
+            fail(message)
+        raise BadInput(message, path=path)
+
+    for t in TYPES:
+        if t.id == entry_id:
+            break
+    else:
+        if entry_id in PLUGIN_IDS:
+            raise BadInput(f"the stream uses plug-in type {entry_name} (id {entry_id}), which "
+                           "is not loaded, so this tool does not implement it: pass --plugin "
+                           f"FILE, the file that registers {entry_name}", path=path)
+        bad(f"type {entry_name!r} (id {entry_id}) is not implemented by this tool")
+    params = tuple(int(p) for p in params)
+    if t.configure is not None and block_size != t.block_size:
+        try:
+            t = t.configure(f"bs={block_size}")     # a variant of a configurable type (QX)
+        except BadInput as e:
+            bad(f"type table entry {entry_name!r}: {e.message}")
+    if flags != (1 if t.variable else 0):           # bit 0: rows start with an offset table
+        bad(f"type table entry {entry_name!r} has flags 0x{flags:x}; {t.name} has "
+            f"0x{1 if t.variable else 0:x}")
+    if ((t.name, t.block_size, t.block_bytes) != (entry_name, block_size, block_bytes)
+            or params != tuple(t.params)):
+        bad(f"type table entry {entry_name!r} (id {entry_id}, block {block_size}/{block_bytes} "
+            f"bytes, params {params}) disagrees with {t.name} ({t.block_size}/{t.block_bytes}, "
+            f"params {tuple(t.params)}" + (f", from {t.plugin}" if t.plugin else "") + ")")
+    return t
+
+
 def by_rwkv_cpp(code: int) -> QuantType:
     for t in TYPES:
         if t.rwkv_cpp == code:

@@ -23,7 +23,7 @@ from construct import (Array, Checksum, ChecksumError, Const, ConstError, Contai
 from formats import board_constants as B
 from formats import stream as S
 from formats.arch import RwkvVersion
-from formats.quants import TYPES, by_name
+from formats.quants import BUILTIN_TYPES as TYPES, by_name
 from host.model import HParams, expected_shapes, forward_order
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "format.md"

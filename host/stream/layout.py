@@ -9,6 +9,7 @@ from formats.errors import BadInput
 from formats.quants import QuantType
 
 from ..model import HParams, Model
+from .variable import VariableRows, measure
 
 
 def default_tokenizer(n_vocab: int) -> S.Tokenizer:
@@ -37,11 +38,17 @@ class RecordSpan:
     def row_bytes(self) -> int:
         return self.qtype.row_bytes(self.shape[-1])
 
+    rows: "VariableRows | None" = None    # variable-size types: where each row is
 
-def record_header_bytes(kind: int, tensor: int, type_id: int, shape, data_size: int) -> bytes:
+
+ROW_TABLE = 1      # record and type-entry flag: rows start with a row-offset table
+
+
+def record_header_bytes(kind: int, tensor: int, type_id: int, shape, data_size: int,
+                        flags: int = 0) -> bytes:
     dims = list(shape) + [1] * (3 - len(shape))
     return S.RecordHeader.build(dict(fields=dict(value=dict(
-        kind=kind, tensor=tensor, type=type_id, ndim=len(shape) if shape else 0, flags=0,
+        kind=kind, tensor=tensor, type=type_id, ndim=len(shape) if shape else 0, flags=flags,
         dims=dims, data_size=data_size, reserved=0)), header_crc=None))
 
 
@@ -52,18 +59,27 @@ def _record_end(data_offset: int, data_size: int) -> int:
 
 class StreamLayout:
     def __init__(self, hparams: HParams, plan: dict[str, QuantType], *, with_index: bool = True,
-                 tokenizer: S.Tokenizer | None = None, shapes: dict | None = None):
+                 tokenizer: S.Tokenizer | None = None, shapes: dict | None = None,
+                 variable: dict[str, VariableRows] | None = None):
+        """`variable`: the measured rows of every tensor of a variable-size type (for_model
+        measures them)."""
         self.hparams = hparams
         self.plan = dict(plan)
         names = list(plan)
         if names[0] != "emb.weight":
             raise BadInput("the stream must start with the embedding")
         emb_type = plan["emb.weight"]
-        if emb_type.block_bytes == 0:
+        if emb_type.variable:
             raise BadInput(f"the embedding needs a fixed-size type, not {emb_type.name}")
         if len(names) > 0xFFFF:
             raise BadInput(f"{len(names)} tensors is more than a stream can index")
         self.types = sorted({q.id: q for q in plan.values()}.values(), key=lambda q: q.id)
+        for q in plan.values():
+            other = next(t for t in self.types if t.id == q.id)
+            if (q.block_size, q.params) != (other.block_size, other.params):
+                raise BadInput(f"one stream cannot hold {q.name} with block sizes "
+                               f"{q.block_size} and {other.block_size}")
+        variable = variable or {}
         self.tokenizer = default_tokenizer(hparams.n_vocab) if tokenizer is None else tokenizer
         self.shapes = shapes or {}
         header_len = self._header_fields_size(len(self.types), len(names))
@@ -73,10 +89,14 @@ class StreamLayout:
         for i, name in enumerate(names):
             q = plan[name]
             shape = tuple(self.shapes[name])
-            size = q.nbytes(shape)
+            rows = variable.get(name) if q.variable else None
+            if q.variable and rows is None:
+                raise BadInput(f"{name}: a {q.name} record's size is known only after "
+                               "quantizing it (StreamLayout.for_model measures it)")
+            size = rows.data_size if rows is not None else q.nbytes(shape)
             data_off = off + S.RECORD_HEADER_SIZE
             end = _record_end(data_off, size)
-            self.records.append(RecordSpan(i, name, q, shape, off, data_off, size, end))
+            self.records.append(RecordSpan(i, name, q, shape, off, data_off, size, end, rows))
             off = end
         self.end_offset = off
         self.body_size = off + S.RECORD_HEADER_SIZE + _record_end(0, 0)
@@ -96,8 +116,20 @@ class StreamLayout:
         return 112 + S.TYPE_ENTRY_SIZE * n_types + n_tensors + S.pad_to(n_tensors, 4)
 
     @classmethod
-    def for_model(cls, model: Model, plan, **kw) -> "StreamLayout":
-        return cls(model.hparams, plan, shapes={t.name: t.shape for t in model}, **kw)
+    def for_model(cls, model: Model, plan, *, keep: dict | None = None, keep_bytes: int = 0,
+                  **kw) -> "StreamLayout":
+        """The layout of `model` in `plan`. Tensors of variable-size types are quantized once
+        here to learn their sizes; payloads up to `keep_bytes` in all go into `keep`."""
+        variable = {}
+        for name, q in plan.items():
+            if q.variable:
+                rows, payload = measure(model[name], q, keep_bytes)
+                variable[name] = rows
+                if payload is not None and keep is not None:
+                    keep[name] = payload
+                    keep_bytes -= payload.size
+        return cls(model.hparams, plan, shapes={t.name: t.shape for t in model},
+                   variable=variable, **kw)
 
     def _build_header(self) -> bytes:
         hp = self.hparams
@@ -113,8 +145,9 @@ class StreamLayout:
             gn_eps=hp.gn_eps, n_tensors=len(self.records), n_types=len(self.types),
             reserved0=0, emb_offset=emb.data_offset, emb_row_bytes=emb.row_bytes, reserved1=0,
             body_size=self.body_size, index_offset=self.index_offset,
-            types=[dict(id=q.id, flags=0, block_size=q.block_size, block_bytes=q.block_bytes,
-                        reserved=0, name=q.name, param0=0, param1=0) for q in self.types],
+            types=[dict(id=q.id, flags=ROW_TABLE if q.variable else 0, block_size=q.block_size, block_bytes=q.block_bytes,
+                        reserved=0, name=q.name, param0=q.params[0], param1=q.params[1])
+                   for q in self.types],
             plan=[r.qtype.id for r in self.records])
         data = S.StreamHeader.build(dict(fields=dict(value=fields), header_crc=None))
         assert len(data) == self.header_size, (len(data), self.header_size)

@@ -17,9 +17,10 @@ import numpy as np
 from formats import stream as S
 from formats.arch import RwkvVersion
 from formats.errors import BadInput, CheckFailed
-from formats.quants import QuantType, by_id
+from formats.quants import QuantType, stream_type
 
 from ..model import HParams, expected_shapes, forward_order
+from .layout import ROW_TABLE
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,9 @@ class StreamFile:
         if f.flags or f.reserved0 or f.reserved1:
             self._fail("reserved header fields are not zero", 14)
         for i, entry in enumerate(f.types):
-            if entry.flags or entry.reserved or entry.param0 or entry.param1:
-                self._fail(f"type entry {entry.name!r} has flags or parameters this tool does "
-                           "not know", 112 + S.TYPE_ENTRY_SIZE * i)
+            if entry.reserved:
+                self._fail(f"type entry {entry.name!r} has reserved bytes that are not zero",
+                           112 + S.TYPE_ENTRY_SIZE * i)
         plan_end = 112 + S.TYPE_ENTRY_SIZE * len(f.types) + len(f.plan)
         if any(buf[plan_end:len(h.fields.data)]) or any(buf[len(h.fields.data) + 4:header_size]):
             self._fail("header padding is not zero", plan_end)
@@ -145,16 +146,9 @@ class StreamFile:
         known = {}
         for i, entry in enumerate(f.types):
             off = 112 + S.TYPE_ENTRY_SIZE * i
-            try:
-                q = by_id(entry.id)
-            except Exception:
-                self._fail(f"type {entry.name!r} (id {entry.id}) is not implemented by this "
-                           "tool", off)
-            if (q.name, q.block_size, q.block_bytes) != (entry.name, entry.block_size,
-                                                         entry.block_bytes):
-                self._fail(f"type table entry {entry.name!r} (id {entry.id}, block "
-                           f"{entry.block_size}/{entry.block_bytes} bytes) disagrees with "
-                           f"{q.name} ({q.block_size}/{q.block_bytes})", off)
+            q = stream_type(entry.id, entry.name, entry.block_size, entry.block_bytes,
+                            (entry.param0, entry.param1), lambda m: self._fail(m, off), self.path,
+                            flags=entry.flags)
             known[entry.id] = q
         plan = []
         plan_off = 112 + S.TYPE_ENTRY_SIZE * len(f.types)
@@ -231,20 +225,28 @@ class StreamFile:
             if h.type != q.id:
                 self._fail(f"record type id {h.type} differs from the header's plan ({q.name})",
                            off + 4, name)
-            if h.flags or h.reserved:
-                self._fail("record flags this tool does not know", off + 6, name)
+            if h.flags != (ROW_TABLE if q.variable else 0) or h.reserved:
+                self._fail(f"record flags 0x{h.flags:x} do not fit a {q.name} record "
+                           f"(expected 0x{ROW_TABLE if q.variable else 0:x})", off + 6, name)
             shape = tuple(h.dims[:h.ndim]) if 1 <= h.ndim <= 3 and \
                 all(d == 1 for d in h.dims[h.ndim:]) else None
             if shape != self.shapes[name]:
                 self._fail(f"shape {shape} does not match {self.shapes[name]} implied by the "
                            "header", off + 8, name)
-            need = q.nbytes(shape) if shape[-1] % q.block_size == 0 else -1
+            if shape[-1] % q.block_size:
+                need = -1
+            elif q.variable:
+                need = h.data_size if h.data_size >= 4 * (math.prod(shape[:-1]) + 1) else -1
+            else:
+                need = q.nbytes(shape)
             if h.data_size != need:
                 self._fail(f"data_size {h.data_size} != {need} bytes for {q.name} {shape}",
                            off + 20, name)
             end = self._payload(off, h.data_size, name)
             rec = Record(h.kind, i, name, q, shape, off, off + S.RECORD_HEADER_SIZE,
                          h.data_size, end)
+            if q.variable:
+                self._check_rows(rec)
             if i == 0:
                 if f.emb_offset != rec.data_offset or f.emb_row_bytes != q.row_bytes(shape[-1]):
                     self._fail("header's embedding offset/row size disagree with the embedding "
@@ -278,6 +280,33 @@ class StreamFile:
             self._fail(f"{self.size - off} unexpected bytes after the end of the stream", off)
         self.records = records
         return records
+
+    def _check_rows(self, rec: Record) -> None:
+        """A variable-size record: its row-offset table, and every row made of exactly its
+        blocks (each row decodes front to back to its own end)."""
+        n_rows = math.prod(rec.shape[:-1])
+        table = np.frombuffer(self.buf, "<u4", n_rows + 1, rec.data_offset).astype(np.int64)
+        if table[0] != 4 * (n_rows + 1):
+            self._fail(f"row-offset table starts at {table[0]}, expected {4 * (n_rows + 1)}",
+                       rec.data_offset, rec.name)
+        if table[-1] != rec.data_size:
+            self._fail(f"row-offset table ends at {table[-1]}, the payload holds "
+                       f"{rec.data_size} bytes", rec.data_offset + 4 * n_rows, rec.name)
+        back = np.flatnonzero(np.diff(table) < 0)
+        if back.size:
+            self._fail(f"row-offset table goes backwards at row {back[0] + 1}",
+                       rec.data_offset + 4 * (back[0] + 1), rec.name)
+        q, per_row = rec.qtype, rec.shape[-1] // rec.qtype.block_size
+        data = np.frombuffer(self.buf, np.uint8, rec.data_size, rec.data_offset)
+        for r in range(n_rows):
+            row = data[table[r]:table[r + 1]]
+            try:
+                got, used = q.count_blocks(row, per_row)
+            except BadInput as e:
+                got, used = -1, e.message
+            if got != per_row or used != row.size:
+                self._fail(f"row {r} holds {row.size} bytes that do not decode to {per_row} "
+                           f"{q.name} blocks", rec.data_offset + int(table[r]), rec.name)
 
     def _check_finite(self, rec: Record) -> None:
         data = np.frombuffer(self.buf, np.uint8, rec.data_size, rec.data_offset)

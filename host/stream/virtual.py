@@ -15,7 +15,8 @@ from formats import stream as S
 
 from ..encode import encode_rows, row_slices
 from ..model import Model
-from .layout import RecordSpan, StreamLayout, record_header_bytes
+from .layout import ROW_TABLE, RecordSpan, StreamLayout, record_header_bytes
+from .variable import encode_variable_rows
 
 DEFAULT_CACHE = 64 << 20
 
@@ -24,12 +25,16 @@ class VirtualStream:
     def __init__(self, model: Model, plan, *, cache_bytes: int = DEFAULT_CACHE,
                  with_index: bool = True, layout: StreamLayout | None = None):
         self.model = model
-        self.layout = layout or StreamLayout.for_model(model, plan, with_index=with_index)
-        self.size = self.layout.total_size
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._crc: dict[str, int] = {}
+        measured: dict[str, np.ndarray] = {}
+        self.layout = layout or StreamLayout.for_model(model, plan, with_index=with_index,
+                                                       keep=measured, keep_bytes=cache_bytes)
+        for name, payload in measured.items():      # variable-size payloads, quantized once
+            self._remember(name, payload)
+        self.size = self.layout.total_size
         self._tail = self.layout.end_record() + (self.layout.index_record()
                                                  if self.layout.index_offset else b"")
 
@@ -74,7 +79,7 @@ class VirtualStream:
 
     def _record_header(self, rec: RecordSpan) -> bytes:
         return record_header_bytes(S.RecordKind.TENSOR, rec.index, rec.qtype.id, rec.shape,
-                                   rec.data_size)
+                                   rec.data_size, ROW_TABLE if rec.rows is not None else 0)
 
     def _payload(self, rec: RecordSpan, a: int, b: int) -> np.ndarray:
         cached = self._cache.get(rec.name)
@@ -83,12 +88,35 @@ class VirtualStream:
             return cached[a:b]
         t = self.model[rec.name]
         if rec.data_size <= self.cache_bytes:
-            data = encode_rows(t, rec.qtype, 0, t.n_rows)
+            data = self._encode_whole(rec)
             self._remember(rec.name, data)
             return data[a:b]
+        if rec.rows is not None:
+            return self._variable_slice(rec, a, b)
         rb = rec.row_bytes
         r0, r1 = a // rb, -(-b // rb)
         return encode_rows(t, rec.qtype, r0, r1)[a - r0 * rb:b - r0 * rb]
+
+    def _encode_whole(self, rec: RecordSpan) -> np.ndarray:
+        t = self.model[rec.name]
+        if rec.rows is None:
+            return encode_rows(t, rec.qtype, 0, t.n_rows)
+        body = [encode_variable_rows(t, rec.qtype, r0, r1) for r0, r1 in row_slices(t, rec.qtype)]
+        return np.concatenate([rec.rows.table()] + body)
+
+    def _variable_slice(self, rec: RecordSpan, a: int, b: int) -> np.ndarray:
+        """Bytes [a, b) of a variable-size payload: the table from the layout, rows re-quantized."""
+        rows = rec.rows
+        parts = []
+        if a < rows.table_size:
+            parts.append(rows.table()[a:min(b, rows.table_size)])
+            a = rows.table_size
+        if a < b:
+            r0, r1 = rows.rows_touching(a, b)
+            body = encode_variable_rows(self.model[rec.name], rec.qtype, r0, r1)
+            base = int(rows.offsets[r0])
+            parts.append(body[a - base:b - base])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _remember(self, name: str, data: np.ndarray) -> None:
         self._crc[name] = S.crc32(data)
@@ -116,8 +144,7 @@ class VirtualStream:
         if rec.data_size <= self.cache_bytes:
             yield (0, rec.n_rows), self._payload(rec, 0, rec.data_size)
             return
-        for r0, r1 in row_slices(t, rec.qtype):
-            yield (r0, r1), encode_rows(t, rec.qtype, r0, r1)
+        yield from self._slices(rec)
 
     # -- sequential -------------------------------------------------------------------------
     def chunks(self, progress=None):
@@ -150,6 +177,15 @@ class VirtualStream:
         if cached is not None:
             yield cached
             return
+        for _, piece in self._slices(rec):
+            yield piece
+
+    def _slices(self, rec: RecordSpan):
         t = self.model[rec.name]
+        if rec.rows is not None:
+            yield (0, 0), rec.rows.table()
+            for r0, r1 in row_slices(t, rec.qtype):
+                yield (r0, r1), encode_variable_rows(t, rec.qtype, r0, r1)
+            return
         for r0, r1 in row_slices(t, rec.qtype):
-            yield encode_rows(t, rec.qtype, r0, r1)
+            yield (r0, r1), encode_rows(t, rec.qtype, r0, r1)
