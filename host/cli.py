@@ -14,10 +14,24 @@ def _add_json(p):
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _add_plugin(p, dest="plugin"):
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE", dest=dest,
+                   help="load this Python file first: the quant types it registers become "
+                        "usable (repeatable; docs/plugins.md)")
+
+
+def _load_plugins(args) -> None:
+    paths = getattr(args, "plugin_first", []) + getattr(args, "plugin", [])
+    if paths:
+        from formats.plugins import load_plugin
+        for path in paths:
+            load_plugin(path)
+
+
 def _add_quant(p, required=False, default=None):
     p.add_argument("--quant", required=required, default=default, metavar="TYPE",
                    help="target type for the tensors rwkv.cpp quantizes: F32, F16, BF16, Q8_0, "
-                        "Q5_1, Q5_0, Q4_1, Q4_0")
+                        "Q5_1, Q5_0, Q4_1, Q4_0, or a type a --plugin registers")
     p.add_argument("--tensor-type", action="append", default=[], metavar="GLOB=TYPE",
                    help="override the type of tensors whose canonical name matches GLOB "
                         "(repeatable; the last match wins), e.g. 'head.weight=Q8_0'")
@@ -36,6 +50,9 @@ def cmd_convert(args):
         print(json.dumps(result, indent=1))
     elif args.output != "-":
         print(f"wrote {args.output} ({result['format']}, {result['quant']})", file=sys.stderr)
+    if not args.json:
+        for note in result.get("fallback_notes", ()):
+            print(f"  {note}", file=sys.stderr)
 
 
 def cmd_validate(args):
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize RWKV checkpoints on the fly into a stream that microcontrollers "
                     "run. See docs/cli.md for the shared flags and exit statuses.")
     p.add_argument("--version", action="version", version=f"rwkv-stream {__version__}")
+    _add_plugin(p, dest="plugin_first")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("demo", help="the whole pipeline with the bundled model, no board needed",
@@ -304,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "Q8_0, Q5_1, Q4_0)")
     _add_json(s)
     s.set_defaults(func=cmd_bench)
+    for s in set(sub.choices.values()):     # every command, the link's included
+        _add_plugin(s)
     return p
 
 
@@ -314,6 +334,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        _load_plugins(args)
         status = args.func(args)
     except RwkvStreamError as e:
         print(f"rwkv-stream: error: {e.line()}", file=sys.stderr)

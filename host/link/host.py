@@ -14,7 +14,7 @@ from firmware_sim.arena import BudgetExceeded, buffer_plan, place
 from firmware_sim.board import read_stream_info
 from formats import board_constants as K
 from formats.errors import BadInput, UsageError
-from formats.quants import by_id
+from formats.quants import TYPES
 
 from . import protocol as P
 from .framing import Frame, Link, LinkError
@@ -83,10 +83,9 @@ class StreamFacts:
 def check_fits(facts: StreamFacts, info: P.BoardInfo, mode: str) -> None:
     """Refuse, before sending a byte of the stream, what the board cannot run."""
     board = f"the board {info.name!r}"
-    lacking = sorted({q.name for q in facts.info.types.values()} -
-                     {by_id(t).name for t in info.types})
+    lacking = sorted(q.name for q in facts.info.types.values() if q.id not in info.types)
     if lacking:
-        has = ", ".join(by_id(t).name for t in info.types)
+        has = ", ".join(next((q.name for q in TYPES if q.id == t), f"id {t}") for t in info.types)
         raise BadInput(f"{board} does not implement {', '.join(lacking)} (it has {has}): "
                        "choose another --quant")
     link_ram = info.window * (info.max_payload + P.frame_overhead(info.max_payload)) \
