@@ -47,10 +47,11 @@ def lora_width(hp: HParams) -> int:
 
 
 def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int = 1,
-                batch: int = 1) -> list[BufferSpec]:
+                batch: int = 1, every_logit: bool = False) -> list[BufferSpec]:
     """Every buffer a board holds. `columns` (K) tokens go through each layer per pass over the
     weights: K prompt tokens of one sequence (sequence mode) or one token of each of K = batch
-    sequences (batch mode, each with its own state and logits)."""
+    sequences (batch mode, each with its own state and logits). `every_logit`: a sequence pass
+    keeps the logits of all K tokens, not just the last (evaluation)."""
     from formats.kernels import ROW_STATE_SIZE
     C, F, Vn, K = hp.n_embd, hp.ffn_size, hp.n_vocab, columns
     lw = lora_width(hp)
@@ -85,7 +86,9 @@ def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int
     plan.append(BufferSpec("state", "f4", (batch, hp.state_floats), True,
                            "recurrent state (rwkv.cpp's layout), one per sequence"))
     if logits:
-        plan.append(BufferSpec("logits", "f4", (batch, Vn), True, "logits, one row per sequence"))
+        rows = max(batch, K if every_logit else 1)
+        plan.append(BufferSpec("logits", "f4", (rows, Vn), True,
+                               "logits, one row per sequence (or per token, evaluating)"))
     else:
         # no room for the logits: the head's rows stream through this window and a sampler
         # keeps only the best (greedy or Gumbel-max) token; a head row is at least 16 bytes

@@ -107,11 +107,14 @@ class Board:
 
     def __init__(self, source, *, ram: int | None = None, psram: int = 0, chunk: int = 4096,
                  mode: str = "float", logits: bool = True, check_crc: bool = True,  # once each
-                 columns: int = 1, batch: bool = False, xip: bool = False):
+                 columns: int = 1, batch: bool = False, xip: bool = False,
+                 every_logit: bool = False):
         """`columns`: tokens per pass over the weights -- K prompt tokens of one sequence
         (sequence mode), or with `batch` one token of each of K independent sequences.
         `xip`: the stream is memory-mapped (installed in XIP flash): weights are read in place,
-        a chunk at a time, instead of being copied into the chunk buffer."""
+        a chunk at a time, instead of being copied into the chunk buffer.
+        `every_logit`: sequence passes keep every token's logits (eval_logits).
+        `observe(name, x)`, when set, sees the input (K, n_in) of every matrix-vector product."""
         if chunk < MIN_CHUNK:
             raise BadInput(f"--chunk {chunk} is below the minimum of {MIN_CHUNK} bytes (a "
                            "record header)")
@@ -137,7 +140,10 @@ class Board:
             raise BadInput("the number of columns (sequence length or batch) must be >= 1")
         self.columns = columns
         self.batch = columns if batch else 1
-        self.buffer_plan = buffer_plan(self.hp, chunk, logits, columns, self.batch)
+        self.every_logit = every_logit and logits
+        self.observe = None
+        self.buffer_plan = buffer_plan(self.hp, chunk, logits, columns, self.batch,
+                                       self.every_logit)
         self.ram_needed = required_bytes(self.buffer_plan)
         self.arena = Arena(self.buffer_plan, self.ram_needed if ram is None else ram, psram)
         self.chunk = self.arena["chunk"]
@@ -371,6 +377,8 @@ class Board:
         assert sum(o.shape[-1] for _, o in parts) == int(np.prod(shape[:-1])), (shape, suffix)
         for x, out in parts:
             assert x.shape[-1] == shape[-1] and x.shape[0] == out.shape[0], (x.shape, shape)
+            if self.observe is not None:
+                self.observe(self._record[0], x)
             self._matvec_rows(q, x, out)
         self._end()
         return [o for _, o in parts]
@@ -441,6 +449,22 @@ class Board:
             self.passes += 1
         self.tokens += len(tokens)
         return self.arena["logits"][0] if "logits" in self.arena.buffers else None
+
+    def eval_logits(self, tokens) -> np.ndarray:
+        """The logits after every token of one sequence, (len(tokens), n_vocab): K tokens a
+        pass (needs every_logit)."""
+        from .forward import forward_pass
+        if not self.every_logit or self.batch > 1:
+            raise BadInput("eval_logits needs a board made with every_logit=True, not a batch")
+        tokens = list(tokens)
+        out = np.empty((len(tokens), self.hp.n_vocab), np.float32)
+        for start in range(0, len(tokens), self.columns):
+            part = tokens[start:start + self.columns]
+            forward_pass(self, part, sequence=True)
+            out[start:start + len(part)] = self.arena["logits"][:len(part)]
+            self.passes += 1
+        self.tokens += len(tokens)
+        return out
 
     def eval_batch(self, tokens) -> np.ndarray:
         """One token for each of the batch's sequences in one pass; logits (batch, n_vocab)."""

@@ -78,7 +78,7 @@ def forward_pass(b, tokens, sequence: bool) -> None:
                    hp.ln_eps, out=f.xn)
     if f.logits is None:  # the logits do not fit: sample over the head rows as they stream
         b.next_token = b.sample_head("head.weight", f.xn[k - 1])
-    elif sequence:      # only the last token's logits are needed: one row through the head
+    elif sequence and not b.every_logit:   # only the last token's logits are needed
         b.matvec("head.weight", f.xn[k - 1:k], f.logits[0:1])
     else:
         b.matvec("head.weight", f.xn, f.logits[:k])             # logits = head @ LN(x)

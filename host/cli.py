@@ -104,6 +104,32 @@ def cmd_run(args):
         print("\n".join(lines), file=sys.stderr)
 
 
+def cmd_eval(args):
+    from .quality import evaluate
+    r = evaluate(args.model, args.text, quant=args.quant, overrides=args.tensor_type,
+                 mode=args.mode, reference=args.reference, columns=args.seq,
+                 tokenizer=args.tokenizer, limit=args.limit)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return
+    print(f"{r['model']} ({r['quant'] or 'as stored'}, {r['mode']} mode) on {r['text']}: "
+          f"{r['tokens']:,} predictions, {r['bytes']:,} bytes")
+    print(f"  bits per byte   {r['bits_per_byte']:.4f}   (bits per token "
+          f"{r['bits_per_token']:.4f})")
+    if r["reference"]:
+        print(f"  F32 reference   {r['reference_bits_per_byte']:.4f} bits per byte")
+        print(f"  KL(F32 || model) mean {r['kl_mean']:.6f} nats, max {r['kl_max']:.4f}")
+        print(f"  top-1 agreement {100 * r['top1_agreement']:.2f}%")
+
+
+def cmd_calibrate(args):
+    from .quality import calibrate
+    r = calibrate(args.model, args.text, args.output, quant=args.quant, columns=args.seq,
+                  tokenizer=args.tokenizer, limit=args.limit)
+    print(json.dumps(r, indent=1) if args.json else
+          f"{r['output']}: importance of {r['tensors']} matrices over {r['tokens']:,} tokens")
+
+
 def cmd_plan(args):
     from firmware_sim.profiles import get_profile
 
@@ -309,6 +335,44 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_link_commands(sub, _add_json, _add_quant)
+
+    s = sub.add_parser("eval", help="quality of a quantized model on a text: bits per byte, "
+                                    "KL and top-1 agreement against F32",
+                       description="Run MODEL (a stream, or a checkpoint quantized on the fly "
+                                   "with --quant) on the simulated board over a text, K tokens "
+                                   "a pass, and compare every next-token distribution with the "
+                                   "same checkpoint in F32 (float mode): mean KL divergence "
+                                   "(nats), top-1 agreement, and the model's bits per byte. For "
+                                   "a stream MODEL, give the checkpoint with --reference (else "
+                                   "only bits per byte).")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    s.add_argument("--reference", metavar="CKPT",
+                   help="the F32 reference checkpoint (default: MODEL when it is a checkpoint)")
+    s.add_argument("--mode", choices=["float", "int8"], default="float",
+                   help="the model's arithmetic (the reference is always float)")
+    s.add_argument("--seq", type=int, default=32, help="tokens per pass (default 32)")
+    s.add_argument("--limit", type=int, help="evaluate only the first N tokens")
+    s.add_argument("--tokenizer", help="bytes, world, or a tokenizer.json path")
+    _add_quant(s)
+    _add_json(s)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("calibrate", help="per-column importance of every matrix's input, "
+                                         "measured on a text (for --imatrix)",
+                       description="Run MODEL on the simulated board (float mode) over a text "
+                                   "and save, for every matrix, the mean squared activation of "
+                                   "each input column (llama.cpp's importance matrix) to an "
+                                   ".npz file.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--text", required=True, metavar="FILE")
+    s.add_argument("-o", "--output", required=True, metavar="FILE.npz")
+    s.add_argument("--seq", type=int, default=32, help="tokens per pass (default 32)")
+    s.add_argument("--limit", type=int, help="use only the first N tokens")
+    s.add_argument("--tokenizer", help="bytes, world, or a tokenizer.json path")
+    s.add_argument("--quant", metavar="TYPE", help="run the model quantized (default: as stored)")
+    _add_json(s)
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     s.add_argument("what", choices=["quantize", "convert", "run", "sequence", "link"],
