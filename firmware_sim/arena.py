@@ -47,7 +47,8 @@ def lora_width(hp: HParams) -> int:
 
 
 def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int = 1,
-                batch: int = 1, every_logit: bool = False) -> list[BufferSpec]:
+                batch: int = 1, every_logit: bool = False,
+                top_k: int = 0) -> list[BufferSpec]:
     """Every buffer a board holds. `columns` (K) tokens go through each layer per pass over the
     weights: K prompt tokens of one sequence (sequence mode) or one token of each of K = batch
     sequences (batch mode, each with its own state and logits). `every_logit`: a sequence pass
@@ -94,6 +95,10 @@ def buffer_plan(hp: HParams, chunk_bytes: int, logits: bool = True, columns: int
         # keeps only the best (greedy or Gumbel-max) token; a head row is at least 16 bytes
         plan.append(BufferSpec("head_rows", "f4", (max(1, chunk_bytes // 16),), False,
                                "logits of the head rows in the chunk (streamed sampling)"))
+        if top_k:
+            plan.append(BufferSpec("top_logits", "f4", (top_k,), False,
+                                   "the k largest logits so far (streamed top-k sampling)"))
+            plan.append(BufferSpec("top_ids", "i4", (top_k,), False, "their token ids"))
     return plan
 
 

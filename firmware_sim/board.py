@@ -108,12 +108,14 @@ class Board:
     def __init__(self, source, *, ram: int | None = None, psram: int = 0, chunk: int = 4096,
                  mode: str = "float", logits: bool = True, check_crc: bool = True,  # once each
                  columns: int = 1, batch: bool = False, xip: bool = False,
-                 every_logit: bool = False):
+                 every_logit: bool = False, top_k: int = 0):
         """`columns`: tokens per pass over the weights -- K prompt tokens of one sequence
         (sequence mode), or with `batch` one token of each of K independent sequences.
         `xip`: the stream is memory-mapped (installed in XIP flash): weights are read in place,
         a chunk at a time, instead of being copied into the chunk buffer.
         `every_logit`: sequence passes keep every token's logits (eval_logits).
+        `top_k` (without logits): keep the k largest logits as the head streams, for a sampler
+        (`self.sampler(candidate_logits) -> index`) to pick from.
         `observe(name, x)`, when set, sees the input (K, n_in) of every matrix-vector product."""
         if chunk < MIN_CHUNK:
             raise BadInput(f"--chunk {chunk} is below the minimum of {MIN_CHUNK} bytes (a "
@@ -142,8 +144,10 @@ class Board:
         self.batch = columns if batch else 1
         self.every_logit = every_logit and logits
         self.observe = None
+        self.top_k = 0 if logits else top_k
+        self.sampler = None
         self.buffer_plan = buffer_plan(self.hp, chunk, logits, columns, self.batch,
-                                       self.every_logit)
+                                       self.every_logit, self.top_k)
         self.ram_needed = required_bytes(self.buffer_plan)
         self.arena = Arena(self.buffer_plan, self.ram_needed if ram is None else ram, psram)
         self.chunk = self.arena["chunk"]
@@ -416,6 +420,9 @@ class Board:
         rows_per = max(1, min(len(window), len(self.chunk) // row_bytes))
         best, best_score = -1, -np.inf
         n_rows = self.hp.n_vocab
+        kept = 0
+        if self.top_k:
+            top, top_ids = a["top_logits"], a["top_ids"]
         for r0 in range(0, n_rows, rows_per):
             rows = min(rows_per, n_rows - r0)
             out = window[:rows]
@@ -424,12 +431,24 @@ class Board:
             for view, nb in self._blocks(q, rows * bpr):
                 q.matvec_blocks(self.int8, view, nb, first, bpr, xf, xq, xd, xs, out, lanes)
                 first += nb
+            if self.top_k:      # merge this window into the running top k
+                vals = np.concatenate([top[:kept], out])
+                ids = np.concatenate([top_ids[:kept], np.arange(r0, r0 + rows, dtype=np.int32)])
+                if len(vals) > self.top_k:
+                    keep = np.argpartition(-vals, self.top_k - 1)[:self.top_k]
+                    vals, ids = vals[keep], ids[keep]
+                kept = len(vals)
+                top[:kept], top_ids[:kept] = vals, ids
+                continue
             score = out / self.temperature + self.rng.gumbel(size=rows) if self.temperature \
                 else out
             j = int(np.argmax(score))
             if score[j] > best_score:
                 best, best_score = r0 + j, score[j]
         self._end()
+        if self.top_k:
+            order = np.argsort(-top[:kept], kind="stable")   # the sampler sees them sorted
+            return int(top_ids[order][self.sampler(top[:kept][order])])
         return best
 
     # -- the model ---------------------------------------------------------------------------

@@ -6,12 +6,13 @@ the simulator. Block types keep ggml's exact byte layouts (see docs/format.md); 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from . import kernels
+from . import imatrix, kernels, kquant_dot, kquants
 from .errors import BadInput
 
 
@@ -91,6 +92,13 @@ def _ggml_ops(type_id: int) -> BoardOps:
         lambda buf, out: kernels.dequantize_into(type_id, buf, out))
 
 
+def _kquant_ops(type_id: int) -> BoardOps:
+    """The k-quants' board kernels (formats/kquant_dot.py)."""
+    return BoardOps(functools.partial(kquant_dot.prepare_activation, type_id),
+                    functools.partial(kquant_dot.matvec_blocks, type_id),
+                    functools.partial(kquant_dot.dequantize_into, type_id))
+
+
 # Ids a plug-in may take (the stream's type field is one byte; ggml's own ids stay below 64).
 PLUGIN_IDS = range(192, 255)
 
@@ -113,6 +121,8 @@ class QuantType:
     max_block_bytes: int = 0     # variable-size: the largest block (a board's chunk holds one)
     configure: Callable[[str], "QuantType"] | None = None   # "NAME:options" -> a variant
     plugin: str | None = None    # the file that registered it (user types)
+    weighted: Callable | None = None  # (rows float32 2-D, importance[cols]) -> bytes: the
+    #                                   quantizer that minimises importance-weighted error
 
     @property
     def variable(self) -> bool:
@@ -165,6 +175,14 @@ class QuantType:
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         out = self._quantize(flat)
         return out.reshape(-1, self.row_bytes(x.shape[-1]))
+
+    def quantize_weighted(self, x: np.ndarray, importance) -> np.ndarray:
+        """quantize() minimising sum(importance[col] * err^2) (calibrate's statistics), for the
+        types that have such a quantizer; the others quantize as usual."""
+        if importance is None or self.weighted is None:
+            return self.quantize(x)
+        x = np.asarray(x, np.float32)
+        return self.weighted(x.reshape(-1, x.shape[-1]), importance)
 
     def quantize_from(self, source: "QuantType", data, n_cols: int) -> np.ndarray:
         """Rows of `n_cols` values stored as `source` (bytes, any buffer) -> uint8
@@ -240,11 +258,27 @@ class QuantType:
 BUILTIN_TYPES: tuple[QuantType, ...] = (
     QuantType("F32", 0, 0, 1, 4, _f32_quantize, _f32_dequantize),
     QuantType("F16", 1, 1, 1, 2, _f16_quantize, _f16_dequantize),
-    QuantType("Q4_0", 2, 2, 32, 2 + 16, kernels.quantize_q4_0, kernels.dequantize_q4_0),
-    QuantType("Q4_1", 3, 3, 32, 2 + 2 + 16, kernels.quantize_q4_1, kernels.dequantize_q4_1),
-    QuantType("Q5_0", 6, 7, 32, 2 + 4 + 16, kernels.quantize_q5_0, kernels.dequantize_q5_0),
-    QuantType("Q5_1", 7, 8, 32, 2 + 2 + 4 + 16, kernels.quantize_q5_1, kernels.dequantize_q5_1),
+    QuantType("Q4_0", 2, 2, 32, 2 + 16, kernels.quantize_q4_0, kernels.dequantize_q4_0,
+              weighted=functools.partial(imatrix.quantize_weighted, "Q4_0")),
+    QuantType("Q4_1", 3, 3, 32, 2 + 2 + 16, kernels.quantize_q4_1, kernels.dequantize_q4_1,
+              weighted=functools.partial(imatrix.quantize_weighted, "Q4_1")),
+    QuantType("Q5_0", 6, 7, 32, 2 + 4 + 16, kernels.quantize_q5_0, kernels.dequantize_q5_0,
+              weighted=functools.partial(imatrix.quantize_weighted, "Q5_0")),
+    QuantType("Q5_1", 7, 8, 32, 2 + 2 + 4 + 16, kernels.quantize_q5_1, kernels.dequantize_q5_1,
+              weighted=functools.partial(imatrix.quantize_weighted, "Q5_1")),
     QuantType("Q8_0", 8, 9, 32, 2 + 32, kernels.quantize_q8_0, kernels.dequantize_q8_0),
+    # k-quants (256-value super-blocks); rows that are not whole super-blocks get `fallback`,
+    # as llama.cpp does
+    QuantType("Q2_K", 10, None, 256, 84, kquants.quantize_q2_k, kquants.dequantize_q2_k,
+              ops=_kquant_ops(10), fallback="Q4_0"),
+    QuantType("Q3_K", 11, None, 256, 110, kquants.quantize_q3_k, kquants.dequantize_q3_k,
+              ops=_kquant_ops(11), fallback="Q4_0"),
+    QuantType("Q4_K", 12, None, 256, 144, kquants.quantize_q4_k, kquants.dequantize_q4_k,
+              ops=_kquant_ops(12), fallback="Q5_0"),
+    QuantType("Q5_K", 13, None, 256, 176, kquants.quantize_q5_k, kquants.dequantize_q5_k,
+              ops=_kquant_ops(13), fallback="Q5_1"),
+    QuantType("Q6_K", 14, None, 256, 210, kquants.quantize_q6_k, kquants.dequantize_q6_k,
+              ops=_kquant_ops(14), fallback="Q8_0"),
     QuantType("BF16", 30, None, 1, 2, _bf16_quantize, _bf16_dequantize),
 )
 

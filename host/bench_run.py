@@ -61,7 +61,7 @@ def _time_board(path, mode, chunk, n_tokens, check_crc, xip=False):
     return seconds, peak, per_token, ram
 
 
-def run(repeat: int = 3, quants=("F16", "Q8_0", "Q5_1", "Q4_0"), chunk: int = 64 << 10,
+def run(repeat: int = 3, quants=("F16", "Q8_0", "Q5_1", "Q4_0", "Q4_K"), chunk: int = 64 << 10,
         versions=(RwkvVersion.V4, RwkvVersion.V7), n_layer: int = 12) -> list[dict]:
     Reference = _reference_class()
     rows = []

@@ -9,7 +9,7 @@ from formats.quants import by_name
 from .bin_writer import write_bin
 from .model import Model, load_model
 from .outputs import atomic_output
-from .plan import make_plan
+from .plan import fallback_notes, make_plan
 from .progress import progress_bar
 from .stream import VirtualStream
 from .stream.writer import write_stream
@@ -41,7 +41,8 @@ def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None =
             vs = VirtualStream(model, plan)
             write_stream(vs, out, progress=lambda r: bar.update(model[r.name].source.nbytes))
     return dict(output=str(dst), format=fmt, quant=target.name,
-                types={n: q.name for n, q in plan.items()})
+                types={n: q.name for n, q in plan.items()}, fallbacks=plan.fallbacks,
+                fallback_notes=fallback_notes(plan.fallbacks))
 
 
 def convert(src, dst, quant: str, overrides=(), fmt: str | None = None) -> dict:

@@ -18,13 +18,14 @@ def encode(t: ModelTensor, qtype: QuantType) -> np.ndarray:
     return encode_rows(t, qtype, 0, t.n_rows)
 
 
-def encode_rows(t: ModelTensor, qtype: QuantType, r0: int, r1: int) -> np.ndarray:
+def encode_rows(t: ModelTensor, qtype: QuantType, r0: int, r1: int,
+                importance=None) -> np.ndarray:
     """uint8 bytes of rows [r0, r1) of `t` stored as `qtype` (quantizing only those rows, from
-    the source bytes: see ModelTensor.quantize_rows)."""
+    the source bytes: see ModelTensor.quantize_rows); `importance` per column: see there."""
     if _passthrough(t, qtype):
         return t.raw_rows(r0, r1)
     try:
-        return t.quantize_rows(qtype, r0, r1).reshape(-1)
+        return t.quantize_rows(qtype, r0, r1, importance).reshape(-1)
     except BadInput as e:
         if e.tensor:
             raise

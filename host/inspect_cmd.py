@@ -9,6 +9,8 @@ from .model import load_model
 def describe_stream(path) -> dict:
     """The record map of a stream, what a board reads per token, and bits per weight."""
     from formats import stream as S
+
+    from .plan import fallback_notes, stream_fallbacks
     from .stream.reader import StreamFile
     sf = StreamFile.for_input(path)
     try:
@@ -20,11 +22,13 @@ def describe_stream(path) -> dict:
         # per token a board reads the header-less body once, except the embedding, of which it
         # reads one row
         per_token = (tensors[-1].end - emb.end) + emb.qtype.row_bytes(emb.shape[-1])
+        fallbacks = stream_fallbacks((r.name, r.qtype, r.shape) for r in tensors)
         return dict(file=str(path), format="stream", stream_version=f"{sf.header.major}."
                     f"{sf.header.minor}", **sf.hparams.as_dict(), bytes=sf.size,
                     header_bytes=sf.header.header_size, n_weights=n_weights,
                     bits_per_weight=round(8 * payload / n_weights, 3),
-                    bytes_per_token=per_token,
+                    bytes_per_token=per_token, fallbacks=fallbacks,
+                    fallback_notes=fallback_notes(fallbacks),
                     records=[dict(name=r.name, type=r.qtype.name if r.qtype else None,
                                   shape=list(r.shape), offset=r.offset, data_offset=r.data_offset,
                                   bytes=r.data_size,
@@ -42,7 +46,8 @@ def format_stream_text(info: dict) -> str:
              f"  {info['bytes']:,} bytes, {info['n_weights']:,} weights, "
              f"{info['bits_per_weight']} bits per weight",
              f"  a board reads {info['bytes_per_token']:,} bytes per token (one embedding row "
-             "and every later record)", ""]
+             "and every later record)",
+             *(f"  {note}" for note in info.get("fallback_notes", ())), ""]
     w = max(len(r["name"]) for r in info["records"])
     lines.append(f"  {'offset':>10}  {'record':<{w}}  {'type':<5} {'shape':<16} {'bytes':>11}  bpw")
     for r in info["records"]:

@@ -85,10 +85,13 @@ class ModelTensor:
             self._check_finite(x, r0 * cols)
         return x
 
-    def quantize_rows(self, qtype: QuantType, r0: int, r1: int) -> np.ndarray:
+    def quantize_rows(self, qtype: QuantType, r0: int, r1: int, importance=None) -> np.ndarray:
         """Rows [r0, r1) stored as `qtype`: uint8 (r1 - r0, row bytes), NaN/Inf refused as in
         values(). An untransformed tensor goes from its source bytes into the quantizer (fused,
-        without a float32 copy, for F32/F16/BF16 sources and block types)."""
+        without a float32 copy, for F32/F16/BF16 sources and block types). `importance` (per
+        column) selects the type's importance-weighted quantizer, where it has one."""
+        if importance is not None and qtype.weighted is not None:
+            return qtype.quantize_weighted(self.values_rows(r0, r1), importance)
         if self.transformed:
             return qtype.quantize(self.values_rows(r0, r1))
         cols = self.shape[-1]

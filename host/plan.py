@@ -8,6 +8,16 @@ from formats.quants import QuantType, by_name
 
 from .model import Model, ModelTensor
 
+
+class Plan(dict):
+    """name -> type for every tensor, in forward order; `fallbacks` lists the tensors whose
+    rows are not whole blocks of the type they were meant to get, and which got that type's
+    `fallback` instead (dicts: tensor, type, fallback, n_cols)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.fallbacks: list[dict] = []
+
 F32, F16 = by_name("F32"), by_name("F16")
 
 # rwkv.cpp's converter keeps these FP32 in an FP16 file (rwkv_spec.md section 1.4).
@@ -58,12 +68,15 @@ def default_type(t: ModelTensor, target: QuantType) -> QuantType:
     return target if _fp16_rule(t) else F32
 
 
-def make_plan(model: Model, quant: str | QuantType | None, overrides=()) -> dict[str, QuantType]:
-    """name -> type for every tensor, in forward order. quant None keeps the source's types."""
+def make_plan(model: Model, quant: str | QuantType | None, overrides=()) -> Plan:
+    """name -> type for every tensor, in forward order (a Plan: a dict that also lists the
+    fallbacks). quant None keeps the source's types. A tensor whose rows are not whole blocks of
+    its type gets the type's fallback (k-quants: as llama.cpp does), recorded in
+    `plan.fallbacks`; a type without one is BadInput."""
     target = quant if isinstance(quant, QuantType) or quant is None else by_name(quant)
     rules = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) \
         else list(overrides)
-    plan = {t.name: default_type(t, target) if target else t.source_type for t in model}
+    plan = Plan((t.name, default_type(t, target) if target else t.source_type) for t in model)
     used = set()
     for t in model:
         for glob, qtype in rules:
@@ -75,8 +88,52 @@ def make_plan(model: Model, quant: str | QuantType | None, overrides=()) -> dict
             raise UsageError(f"--tensor-type {glob!r} matches no tensor of this model")
     for t in model:
         qtype = plan[t.name]
-        if qtype.is_block and t.shape[-1] % qtype.block_size:
-            raise BadInput(f"rows of {t.shape[-1]} elements cannot be stored as {qtype.name} "
-                           f"(blocks of {qtype.block_size}); choose another type for it with "
-                           f"--tensor-type", path=model.path, tensor=t.name)
+        n_cols = t.shape[-1] if t.shape else 1
+        if not qtype.is_block or qtype.fits(n_cols):
+            continue
+        fallback = by_name(qtype.fallback) if qtype.fallback else None
+        if fallback is None or not fallback.fits(n_cols):
+            raise BadInput(f"rows of {n_cols} elements cannot be stored as {qtype.name} "
+                           f"(blocks of {qtype.block_size})"
+                           + (f" nor as its fallback {fallback.name} (blocks of "
+                              f"{fallback.block_size})" if fallback else "")
+                           + "; choose another type for it with --tensor-type",
+                           path=model.path, tensor=t.name)
+        plan[t.name] = fallback
+        plan.fallbacks.append(dict(tensor=t.name, type=qtype.name, fallback=fallback.name,
+                                   n_cols=n_cols))
     return plan
+
+
+def stream_fallbacks(records) -> list[dict]:
+    """The fallbacks a stream shows, from its records alone ((name, type, shape) each): a
+    matrix of type F whose rows are not whole blocks of a type T the stream also uses, where F
+    is T's fallback. (A stream does not say what was asked for; a stream in which no tensor
+    got T itself shows none.)"""
+    records = [(n, q, tuple(s)) for n, q, s in records if q is not None]
+    used = {q.name: q for _, q, _ in records}
+    out = []
+    for name, q, shape in records:
+        if len(shape) < 2:
+            continue
+        for t in used.values():
+            if t.fallback == q.name and not t.fits(shape[-1]):
+                out.append(dict(tensor=name, type=t.name, fallback=q.name, n_cols=shape[-1]))
+                break
+    return out
+
+
+def fallback_notes(fallbacks) -> list[str]:
+    """One line per (type, fallback) pair: "3 tensors fell back from Q4_K to Q5_0 (rows of
+    64 are not a multiple of 256)"."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for f in fallbacks:
+        groups.setdefault((f["type"], f["fallback"]), []).append(f)
+    notes = []
+    for (name, fb), items in groups.items():
+        cols = sorted({f["n_cols"] for f in items})
+        n = len(items)
+        notes.append(f"{n} tensor{'s' if n != 1 else ''} fell back from {name} to {fb} (rows of "
+                     f"{', '.join(map(str, cols))} {'are' if n != 1 or len(cols) > 1 else 'is'} "
+                     f"not a multiple of {by_name(name).block_size})")
+    return notes

@@ -8,7 +8,7 @@ from firmware_sim.profiles import BoardProfile
 from formats import stream as S
 
 from .model import load_model
-from .plan import make_plan
+from .plan import fallback_notes, make_plan, stream_fallbacks
 from .stream.layout import StreamLayout
 
 
@@ -22,7 +22,8 @@ def _layout(model_path, quant, overrides):
             recs = [r for r in sf.walk_as_input() if r.kind == S.RecordKind.TENSOR]
             row = recs[0].qtype.row_bytes(recs[0].shape[-1])
             return sf.hparams, sf.size, row + recs[-1].end - recs[0].end, \
-                {r.name: r.qtype.name for r in recs}, row
+                {r.name: r.qtype.name for r in recs}, row, \
+                stream_fallbacks((r.name, r.qtype, r.shape) for r in recs)
         finally:
             sf.close()
     model = load_model(model_path)
@@ -30,7 +31,7 @@ def _layout(model_path, quant, overrides):
     lay = StreamLayout.for_model(model, plan)
     emb, last = lay.records[0], lay.records[-1]
     return (model.hparams, lay.total_size, emb.row_bytes + last.end - emb.end,
-            {n: q.name for n, q in plan.items()}, emb.row_bytes)
+            {n: q.name for n, q in plan.items()}, emb.row_bytes, plan.fallbacks)
 
 
 def _per_prompt_token(per_token: int, emb_row: int, columns: int) -> int:
@@ -39,7 +40,8 @@ def _per_prompt_token(per_token: int, emb_row: int, columns: int) -> int:
 
 
 def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) -> dict:
-    hp, stream_bytes, per_token, types, emb_row_bytes = _layout(model_path, quant, overrides)
+    hp, stream_bytes, per_token, types, emb_row_bytes, fallbacks = _layout(model_path, quant,
+                                                                           overrides)
     result = dict(model=str(model_path), board=board.as_dict(), **{"rwkv": hp.as_dict()},
                   stream_bytes=stream_bytes, bytes_per_token=per_token, chunk=chunk)
     buffers = buffer_plan(hp, chunk, logits=True)
@@ -95,6 +97,8 @@ def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) 
         f"chunk buffer {chunk} bytes; activations float32",
     ]
     result["types"] = types
+    result["fallbacks"] = fallbacks
+    result["fallback_notes"] = fallback_notes(fallbacks)
     return result
 
 
@@ -110,6 +114,7 @@ def format_text(r: dict) -> str:
              f"  logits: {r['logits']}" if r["fits"] else "",
              f"  stream: {r['stream_bytes']:,} bytes -> {r['storage']}",
              f"  bytes read per token: {r['bytes_per_token']:,}",
+             *(f"  types: {note}" for note in r.get("fallback_notes", ())),
              "  tokens/s:"]
     for k, v in r["tokens_per_second"].items():
         lines.append(f"    {k:<28} {v:>10.3f}")

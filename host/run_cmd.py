@@ -62,6 +62,9 @@ def _sequence_columns(source, args) -> int:
     return best
 
 
+STREAMED_TOP_P_K = 256
+
+
 def run(args) -> dict:
     source = open_source(args.model, args.quant, args.tensor_type)
     if args.batch_file:
@@ -76,12 +79,16 @@ def run(args) -> dict:
     try:
         board = Board(source, **kw)
     except BudgetExceeded:
-        # no room for the logits: sample over the head rows as they stream (greedy/Gumbel-max)
-        if args.logits_out or args.top_k or args.top_p < 1:
+        # no room for the logits: sample over the head rows as they stream -- greedy or
+        # Gumbel-max with a temperature; top-k/top-p keep the k largest logits as rows stream
+        # (top-p alone: within the STREAMED_TOP_P_K largest, which the report says)
+        if args.logits_out:
             raise
-        board = Board(source, logits=False, **kw)
+        top_k = args.top_k or (STREAMED_TOP_P_K if args.top_p < 1 else 0)
+        board = Board(source, logits=False, top_k=top_k, **kw)
         board.temperature = args.temperature
         board.rng = np.random.default_rng(args.seed)
+        board.sampler = Sampler(args.temperature, 0, args.top_p, args.seed)
     hp = board.hp
     if args.state_in:
         board.load_state(np.fromfile(args.state_in, "<f4"))
@@ -145,7 +152,10 @@ def run(args) -> dict:
                   ram_bytes=board.arena.ram, ram_needed=board.ram_needed,
                   ram_used=dict(board.arena.used), chunk=args.chunk,
                   sequence_columns=columns, prompt_passes=prompt_passes,
-                  logits="streamed through the sampler" if streamed else "in RAM",
+                  logits=("in RAM" if not streamed else
+                          f"streamed; the {board.top_k} largest kept for top-k/top-p"
+                          + (" (top-p alone is applied within them)" if not args.top_k else "")
+                          if board.top_k else "streamed through the sampler"),
                   prompt_bytes_read=prompt_bytes,
                   bytes_read_per_prompt_token=prompt_bytes // len(tokens),
                   bytes_read_per_generated_token=gen_bytes // n_gen if n_gen else None,

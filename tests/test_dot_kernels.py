@@ -26,7 +26,8 @@ except ImportError:  # tests/ is not a package and only tests/ is on sys.path
     import naive_kernels as naive
 
 F32 = np.float32
-TYPES = [t.name for t in quants.TYPES]
+# the types whose kernels are formats/kernels.py's (the k-quants': tests/test_kquant_types.py)
+TYPES = [t.name for t in quants.TYPES if t.ops is None]
 MODES = [False, True]
 
 
@@ -388,7 +389,7 @@ def test_dequantize_into_matches_table(name):
 
 def test_kernel_type_table_matches_quants():
     assert kernels._DOT_TYPES == {t.id: (t.name, t.block_size, t.block_bytes)
-                                  for t in quants.TYPES}
+                                  for t in quants.TYPES if t.ops is None}
 
 
 def test_wrappers_validate():

@@ -284,3 +284,40 @@ def test_streamed_sampling_when_logits_do_not_fit():
     small.load_state(full.state)
     small.eval(PROMPT[6])
     assert small.next_token == draws[5]
+
+
+def test_streamed_top_k_keeps_exactly_the_k_largest_logits():
+    """With the logits streamed, top-k sampling sees the same k candidates (values and ids) as
+    the full logits would give: the board keeps them as head rows go by, whatever the chunk."""
+    data = stream_bytes(load_model(fp32_model("5v2-730K")), "Q8_0")
+    full = Board(BytesSource(data), mode="int8", chunk=256)
+    for chunk in (256, 1000):
+        small = Board(BytesSource(data), mode="int8", chunk=chunk, logits=False, top_k=7)
+        assert "logits" not in small.arena.buffers
+        seen = []
+        small.sampler = lambda cand: (seen.append(cand.copy()), 0)[1]   # take the largest
+        full.reset()
+        for t in PROMPT[:5]:
+            logits = full.eval(t)
+            small.eval(t)
+            order = np.argsort(-logits, kind="stable")[:7]
+            assert np.array_equal(seen[-1], logits[order])
+            assert small.next_token == order[0]
+        assert np.array_equal(small.state, full.state)
+
+
+def test_run_streams_top_p_when_logits_do_not_fit(tmp_path):
+    import json
+
+    from conftest import run_cli
+    hp = synth_hparams(RwkvVersion.V5_2, 32, 1, 5000)       # logits (20 KB) dominate RAM
+    path = tmp_path / "m.rwks"
+    path.write_bytes(stream_bytes(Model(SyntheticCheckpoint(hp, seed=1)), "Q8_0"))
+    full = Board(BytesSource(path.read_bytes()))
+    streamed = Board(BytesSource(path.read_bytes()), logits=False, top_k=256)
+    assert streamed.ram_needed < full.ram_needed
+    args = ["run", path, "--prompt-tokens", "1,2,3", "-n", "8", "--temperature", "0.8",
+            "--top-p", "0.9", "--seed", "3", "--ram", streamed.ram_needed, "--json"]
+    r = json.loads(run_cli(*args, check_status=0).stdout)
+    assert len(r["generated"]) == 8 and "256 largest" in r["logits"]
+    assert json.loads(run_cli(*args, check_status=0).stdout)["generated"] == r["generated"]

@@ -123,7 +123,8 @@ class StreamLayout:
         variable = {}
         for name, q in plan.items():
             if q.variable:
-                rows, payload = measure(model[name], q, keep_bytes)
+                rows, payload = measure(model[name], q, keep_bytes,
+                                        (getattr(plan, "importance", None) or {}).get(name))
                 variable[name] = rows
                 if payload is not None and keep is not None:
                     keep[name] = payload

@@ -50,13 +50,15 @@ class VariableRows:
         return max(r0, 0), min(max(r1, r0 + 1), self.n_rows)
 
 
-def encode_variable_rows(t: ModelTensor, qtype, r0: int, r1: int) -> np.ndarray:
+def encode_variable_rows(t: ModelTensor, qtype, r0: int, r1: int,
+                         importance=None) -> np.ndarray:
     """The bytes of rows [r0, r1) without a table."""
-    _, body = split_payload(encode_rows(t, qtype, r0, r1), r1 - r0)
+    _, body = split_payload(encode_rows(t, qtype, r0, r1, importance), r1 - r0)
     return body
 
 
-def measure(t: ModelTensor, qtype, keep_bytes: int) -> tuple[VariableRows, np.ndarray | None]:
+def measure(t: ModelTensor, qtype, keep_bytes: int,
+            importance=None) -> tuple[VariableRows, np.ndarray | None]:
     """Quantize `t` once, in row slices: its row offsets, and its whole payload when that is at
     most `keep_bytes` (else None: the caller re-quantizes rows when it needs them)."""
     starts = [np.zeros(1, np.int64)]
@@ -64,7 +66,7 @@ def measure(t: ModelTensor, qtype, keep_bytes: int) -> tuple[VariableRows, np.nd
     base = 0
     kept = 0
     for r0, r1 in row_slices(t, qtype):
-        rel, body = split_payload(encode_rows(t, qtype, r0, r1), r1 - r0)
+        rel, body = split_payload(encode_rows(t, qtype, r0, r1, importance), r1 - r0)
         starts.append(rel[1:] + base)
         base += body.size
         kept += body.size

@@ -26,6 +26,9 @@ class VirtualStream:
                  with_index: bool = True, layout: StreamLayout | None = None):
         self.model = model
         self.cache_bytes = cache_bytes
+        # calibrate's per-column importance by tensor name (make_plan(importance=...)); the
+        # types with an importance-weighted quantizer use it
+        self.importance = getattr(plan, "importance", None) or {}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._crc: dict[str, int] = {}
@@ -95,14 +98,21 @@ class VirtualStream:
             return self._variable_slice(rec, a, b)
         rb = rec.row_bytes
         r0, r1 = a // rb, -(-b // rb)
-        return encode_rows(t, rec.qtype, r0, r1)[a - r0 * rb:b - r0 * rb]
+        return self._rows(rec, r0, r1)[a - r0 * rb:b - r0 * rb]
 
     def _encode_whole(self, rec: RecordSpan) -> np.ndarray:
         t = self.model[rec.name]
         if rec.rows is None:
-            return encode_rows(t, rec.qtype, 0, t.n_rows)
-        body = [encode_variable_rows(t, rec.qtype, r0, r1) for r0, r1 in row_slices(t, rec.qtype)]
+            return self._rows(rec, 0, t.n_rows)
+        body = [self._rows(rec, r0, r1) for r0, r1 in row_slices(t, rec.qtype)]
         return np.concatenate([rec.rows.table()] + body)
+
+    def _rows(self, rec: RecordSpan, r0: int, r1: int) -> np.ndarray:
+        """The encoded bytes of rows [r0, r1) (variable-size types: without the table)."""
+        t, imp = self.model[rec.name], self.importance.get(rec.name)
+        if rec.rows is not None:
+            return encode_variable_rows(t, rec.qtype, r0, r1, imp)
+        return encode_rows(t, rec.qtype, r0, r1, imp)
 
     def _variable_slice(self, rec: RecordSpan, a: int, b: int) -> np.ndarray:
         """Bytes [a, b) of a variable-size payload: the table from the layout, rows re-quantized."""
@@ -113,7 +123,7 @@ class VirtualStream:
             a = rows.table_size
         if a < b:
             r0, r1 = rows.rows_touching(a, b)
-            body = encode_variable_rows(self.model[rec.name], rec.qtype, r0, r1)
+            body = self._rows(rec, r0, r1)
             base = int(rows.offsets[r0])
             parts.append(body[a - base:b - base])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -185,7 +195,7 @@ class VirtualStream:
         if rec.rows is not None:
             yield (0, 0), rec.rows.table()
             for r0, r1 in row_slices(t, rec.qtype):
-                yield (r0, r1), encode_variable_rows(t, rec.qtype, r0, r1)
+                yield (r0, r1), self._rows(rec, r0, r1)
             return
         for r0, r1 in row_slices(t, rec.qtype):
-            yield (r0, r1), encode_rows(t, rec.qtype, r0, r1)
+            yield (r0, r1), self._rows(rec, r0, r1)

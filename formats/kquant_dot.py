@@ -1,0 +1,424 @@
+"""The board's dot kernels for the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-value super-blocks).
+
+The same three operations as formats/kernels.py gives the 32-element ggml types, with the
+signatures of `BoardOps` (formats/quants.py) plus a leading ggml type id (10..14), which the
+type table binds with functools.partial:
+
+  prepare_activation(type_id, int8_mode, x, xf, xq, xd, xs)
+  matvec_blocks(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs,
+                out, row_state=None)
+  dequantize_into(type_id, buf, out)
+
+A matrix is stored row-major, each row `blocks_per_row` whole super-blocks (ggml's layouts,
+formats/kquants.py). The simulator streams it through a small buffer and calls `matvec_blocks`
+on each run of whole blocks; a run may start or end in the middle of a row (`first_block`
+continues it). Every block adds its own contribution to out[row] as soon as it is read, so
+`row_state` is accepted and ignored, and `out` is bit-identical however a matrix is split.
+
+Arithmetic (float32 throughout, one rounding per operation, no FMA: formats/jit.py):
+
+* float mode: prepare_activation copies x into xf. A block's weights are dequantized exactly as
+  ggml's `dequantize_row_q*_K` (the type table's dequantize): w = dl*q - ml with, per group of
+  16 values, dl = d*scale and ml = dmin*min (Q3_K, Q6_K: ml = 0, so w = dl*q exactly). The
+  block's dot is kept in 8 float32 lanes, lane l summing w[e]*x[e] for the elements
+  e = l, l+8, l+16, ... in increasing order; the block's value is
+  ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), and out[row] += that.
+
+* int8 mode: the activation is quantized as ggml's `quantize_row_q8_K_ref` (block_q8_K): per
+  256-value block b, max = the first value of largest magnitude, iscale = -127/max,
+  q = min(127, nearest_int(iscale*x)) into xq, d = 1/iscale (float32, not fp16) into xd[b]; an
+  all-zero block gets d = 0 and q = 0. xs[j] holds the sum of the 32 quants of 32-group j
+  (ggml's bsums[2j] + bsums[2j+1]; Q4_K/Q5_K read these, Q2_K recomputes its 16-value bsums
+  from xq, Q3_K/Q6_K need none). Each weight block is then dotted as ggml's reference C
+  `ggml_vec_dot_q*_K_q8_K_generic` (ggml-cpu/quants.c) computes a row of ONE super-block, and
+  that value is added to out[row]:
+    Q2_K: isum = sum over 16-groups of scale*sum(q8*q), summs = sum of bsums*min (exact
+          integers); value = (y.d*d)*isum - (y.d*dmin)*summs.
+    Q3_K, Q6_K: the 8 integer lanes aux32[l] = sum of scale*(q8*q) over elements e = l mod 8
+          (exact); value = 0 + D*aux32[0] + D*aux32[1] + ... + D*aux32[7], left to right,
+          D = d*y.d.
+    Q4_K, Q5_K: the same lanes, and sumi = sum of bsums*min; value starts at
+          0 - (dmin*y.d)*sumi, then + D*aux32[l] for l = 0..7, left to right.
+  For Q2_K, a row summed block by block into a zeroed out[row] is exactly ggml's result; for
+  the others ggml keeps the 8 lane sums across the blocks of a row and adds them at the end,
+  so a row of several blocks can differ from ggml's in the last bits (the integers are the
+  same). (rwkv.cpp has no k-quants, so unlike formats/kernels.py nothing here emulates ggml's
+  AVX2 lanes; the generic C is what every ggml build without SIMD kernels computes.)
+
+Kernels take the type as a run-time int (one compile each, cached on disk), compiled for one
+explicit signature the first time a wrapper runs (read-only inputs, C-contiguous 1-D arrays):
+wrong dtypes or strided arrays fail numba's dispatch and are reported as BadInput. The
+wrappers validate sizes and never allocate.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+
+from . import kquants
+from .errors import BadInput
+from .jit import kernel
+from .kernels import _at, _f16_bits_to_f32, _ro, _rw
+from .kquants import _nearest_int, _q3_scale, _scale_min_k4
+
+QK_K = 256
+T_Q2_K, T_Q3_K, T_Q4_K, T_Q5_K, T_Q6_K = 10, 11, 12, 13, 14
+
+# ggml type id -> (name, kquants' kind code, bytes per block)
+TYPES = {T_Q2_K: ("Q2_K", kquants._Q2_K, 84), T_Q3_K: ("Q3_K", kquants._Q3_K, 110),
+         T_Q4_K: ("Q4_K", kquants._Q4_K, 144), T_Q5_K: ("Q5_K", kquants._Q5_K, 176),
+         T_Q6_K: ("Q6_K", kquants._Q6_K, 210)}
+
+_F0 = np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels
+
+@kernel
+def _half(buf, o):
+    return _f16_bits_to_f32(np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8))
+
+
+@kernel
+def _unpack(buf, o, kind, q, sc, mn):
+    """The block at buf[o:] as integers: q[e] (e < 256) its quant as the dot uses it (Q2_K
+    0..3, Q3_K -4..3, Q4_K 0..15, Q5_K 0..31, Q6_K -32..31); sc[g] and mn[g] the scale and
+    min of 16-group g (Q3_K: scale - 32; Q6_K: the int8 scale; Q4_K/Q5_K: the 32-group's
+    6-bit values, repeated for its two 16-groups; mn = 0 for Q3_K/Q6_K). Returns (d, dmin) as
+    float32 (dmin = 0 for Q3_K/Q6_K). Branch-free int32 loops: they run for every block."""
+    if kind == 0:                                    # Q2_K
+        for g in range(16):
+            s = np.int32(buf[o + g])
+            sc[g] = s & 0xF
+            mn[g] = s >> 4
+        for h in range(2):
+            for ll in range(32):
+                b = np.int32(buf[o + 16 + 32 * h + ll])
+                e = 128 * h + ll
+                q[e] = b & 3
+                q[e + 32] = (b >> 2) & 3
+                q[e + 64] = (b >> 4) & 3
+                q[e + 96] = (b >> 6) & 3
+        return _half(buf, o + 80), _half(buf, o + 82)
+    if kind == 1:                                    # Q3_K
+        for g in range(16):
+            sc[g] = _q3_scale(buf, o + 96, g) - 32
+            mn[g] = 0
+        for h in range(2):
+            for ll in range(32):
+                b = np.int32(buf[o + 32 + 32 * h + ll])
+                hm = np.int32(buf[o + ll]) >> (4 * h)       # bits 4h..4h+3: the four quarters
+                e = 128 * h + ll
+                q[e] = (b & 3) - ((~hm & 1) << 2)
+                q[e + 32] = ((b >> 2) & 3) - ((~hm & 2) << 1)
+                q[e + 64] = ((b >> 4) & 3) - (~hm & 4)
+                q[e + 96] = ((b >> 6) & 3) - ((~hm & 8) >> 1)
+        return _half(buf, o + 108), _F0
+    if kind == 4:                                    # Q6_K
+        for g in range(16):
+            s = np.int32(buf[o + 192 + g])
+            sc[g] = s - ((s & 128) << 1)
+            mn[g] = 0
+        for h in range(2):
+            ql = o + 64 * h
+            qh = o + 128 + 32 * h
+            for ll in range(32):
+                lo0 = np.int32(buf[ql + ll])
+                lo1 = np.int32(buf[ql + ll + 32])
+                hi = np.int32(buf[qh + ll])
+                e = 128 * h + ll
+                q[e] = ((lo0 & 0xF) | ((hi & 3) << 4)) - 32
+                q[e + 32] = ((lo1 & 0xF) | ((hi & 12) << 2)) - 32
+                q[e + 64] = ((lo0 >> 4) | (hi & 48)) - 32
+                q[e + 96] = ((lo1 >> 4) | ((hi >> 2) & 48)) - 32
+        return _half(buf, o + 208), _F0
+    # Q4_K / Q5_K
+    for j in range(8):
+        s, m = _scale_min_k4(j, buf, o + 4)
+        sc[2 * j] = s
+        sc[2 * j + 1] = s
+        mn[2 * j] = m
+        mn[2 * j + 1] = m
+    if kind == 3:
+        for h in range(4):
+            for ll in range(32):
+                byte = np.int32(buf[o + 48 + 32 * h + ll])
+                hb = np.int32(buf[o + 16 + ll]) >> (2 * h)
+                q[64 * h + ll] = (byte & 0xF) | ((hb & 1) << 4)
+                q[64 * h + 32 + ll] = (byte >> 4) | ((hb & 2) << 3)
+    else:
+        for h in range(4):
+            for ll in range(32):
+                byte = np.int32(buf[o + 16 + 32 * h + ll])
+                q[64 * h + ll] = byte & 0xF
+                q[64 * h + 32 + ll] = byte >> 4
+    return _half(buf, o), _half(buf, o + 2)
+
+
+@kernel
+def _wx(q, e, a, m, xf, xi):
+    """float mode: element e's product, w*x with w = a*q - m (ggml's dequantization)."""
+    return (a * np.float32(_at(q, e)) - m) * _at(xf, xi + e)
+
+
+@kernel
+def _sqx(q, e, s, xq, xi):
+    """int8 mode: element e's term, scale * (q * q8) (exact)."""
+    return s * (_at(q, e) * np.int32(_at(xq, xi + e)))
+
+
+@kernel
+def _matvec_kernel(kind, int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs,
+                   out):
+    """The n_blocks blocks in buf (global blocks first_block, ...) into out (module header).
+    The 8 lanes are scalars (in registers), each row of 8 elements adds one term to each."""
+    if kind == 0:
+        bb = 84
+    elif kind == 1:
+        bb = 110
+    elif kind == 2:
+        bb = 144
+    elif kind == 3:
+        bb = 176
+    else:
+        bb = 210
+    q = np.empty(QK_K, np.int32)
+    sc = np.empty(16, np.int32)
+    mn = np.empty(16, np.int32)
+    for k in range(n_blocks):
+        blk = first_block + k
+        row = blk // blocks_per_row
+        c = blk - row * blocks_per_row              # column block: activation x[256c:256c+256]
+        x0 = QK_K * c
+        d, dmin = _unpack(buf, k * bb, kind, q, sc, mn)
+        if not int8_mode:
+            f0 = f1 = f2 = f3 = f4 = f5 = f6 = f7 = _F0
+            for g in range(16):
+                a = d * np.float32(sc[g])
+                m = dmin * np.float32(mn[g])
+                for e in range(16 * g, 16 * g + 16, 8):
+                    f0 += _wx(q, e, a, m, xf, x0)
+                    f1 += _wx(q, e + 1, a, m, xf, x0)
+                    f2 += _wx(q, e + 2, a, m, xf, x0)
+                    f3 += _wx(q, e + 3, a, m, xf, x0)
+                    f4 += _wx(q, e + 4, a, m, xf, x0)
+                    f5 += _wx(q, e + 5, a, m, xf, x0)
+                    f6 += _wx(q, e + 6, a, m, xf, x0)
+                    f7 += _wx(q, e + 7, a, m, xf, x0)
+            out[row] += ((f0 + f4) + (f2 + f6)) + ((f1 + f5) + (f3 + f7))
+            continue
+        yd = xd[c]
+        # the 8 integer lanes (exact; Q2_K sums them: its isum)
+        i0 = i1 = i2 = i3 = i4 = i5 = i6 = i7 = np.int32(0)
+        for g in range(16):
+            s = sc[g]
+            for e in range(16 * g, 16 * g + 16, 8):
+                i0 += _sqx(q, e, s, xq, x0)
+                i1 += _sqx(q, e + 1, s, xq, x0)
+                i2 += _sqx(q, e + 2, s, xq, x0)
+                i3 += _sqx(q, e + 3, s, xq, x0)
+                i4 += _sqx(q, e + 4, s, xq, x0)
+                i5 += _sqx(q, e + 5, s, xq, x0)
+                i6 += _sqx(q, e + 6, s, xq, x0)
+                i7 += _sqx(q, e + 7, s, xq, x0)
+        if kind == 0:                                # Q2_K
+            isum = np.int64(i0) + i1 + i2 + i3 + i4 + i5 + i6 + i7
+            summs = np.int64(0)
+            for g in range(16):
+                bs = np.int32(0)
+                for ll in range(16):
+                    bs += np.int32(xq[x0 + 16 * g + ll])
+                summs += np.int64(bs) * mn[g]
+            v = (yd * d) * np.float32(isum) - (yd * dmin) * np.float32(summs)
+        else:
+            v = _F0
+            if kind == 2 or kind == 3:               # Q4_K / Q5_K: the mins
+                sumi = np.int64(0)
+                for j in range(8):
+                    sumi += np.int64(xs[8 * c + j]) * mn[2 * j]
+                v = v - (dmin * yd) * np.float32(sumi)
+            dd = d * yd
+            v = v + dd * np.float32(i0)
+            v = v + dd * np.float32(i1)
+            v = v + dd * np.float32(i2)
+            v = v + dd * np.float32(i3)
+            v = v + dd * np.float32(i4)
+            v = v + dd * np.float32(i5)
+            v = v + dd * np.float32(i6)
+            v = v + dd * np.float32(i7)
+        out[row] += v
+
+
+@kernel
+def _prepare_kernel(int8_mode, x, xf, xq, xd, xs):
+    """float mode: xf = x; int8 mode: quantize_row_q8_K_ref into xq/xd, 32-sums into xs."""
+    n = x.size
+    if not int8_mode:
+        for i in range(n):
+            xf[i] = x[i]
+        return
+    for b in range(n // QK_K):
+        i0 = QK_K * b
+        mx = _F0
+        amax = _F0
+        for j in range(QK_K):
+            ax = np.abs(x[i0 + j])
+            if ax > amax:
+                amax = ax
+                mx = x[i0 + j]
+        if amax == _F0:
+            xd[b] = _F0
+            for j in range(QK_K):
+                xq[i0 + j] = 0
+            for j in range(8):
+                xs[8 * b + j] = _F0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for j in range(QK_K):
+            v = min(127, _nearest_int(iscale * x[i0 + j]))
+            xq[i0 + j] = ((v + 128) & 0xFF) - 128          # int8_t store
+        for j in range(8):
+            s = np.int64(0)
+            for ll in range(32):
+                s += np.int64(xq[i0 + 32 * j + ll])
+            xs[8 * b + j] = np.float32(s)
+        xd[b] = np.float32(1.0) / iscale
+
+
+@kernel
+def _dequantize_into_kernel(kind, buf, n_blocks, out):
+    """The table's dequantizer (formats/kquants.py) on the whole blocks at the start of buf."""
+    bb = 84 if kind == 0 else 110 if kind == 1 else 144 if kind == 2 else 176 if kind == 3 \
+        else 210
+    kquants._dequantize_blocks(buf[:n_blocks * bb], out[:n_blocks * QK_K], kind)
+
+
+_SIGNATURES = {
+    "matvec": (_matvec_kernel, types.void(
+        types.int64, types.boolean, _ro(types.uint8), types.int64, types.int64, types.int64,
+        _ro(types.float32), _ro(types.int8), _ro(types.float32), _ro(types.float32),
+        _rw(types.float32))),
+    "prepare": (_prepare_kernel, types.void(
+        types.boolean, _ro(types.float32), _rw(types.float32), _rw(types.int8),
+        _rw(types.float32), _rw(types.float32))),
+    "dequantize_into": (_dequantize_into_kernel, types.void(
+        types.int64, _ro(types.uint8), types.int64, _rw(types.float32))),
+}
+_ready: dict = {}
+
+
+def _compiled(which: str):
+    """The kernel compiled (or loaded from the cache) for its one signature on first use."""
+    fn = _ready.get(which)
+    if fn is None:
+        fn, sig = _SIGNATURES[which]
+        fn.compile(sig)
+        fn.disable_compile()
+        _ready[which] = fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers: cheap checks, no allocation
+
+def _spec(what: str, type_id):
+    spec = TYPES.get(type_id)
+    if spec is None:
+        raise BadInput(f"{what}: type id {type_id!r} is not a k-quant "
+                       f"(known: {', '.join(f'{k} {v[0]}' for k, v in TYPES.items())})")
+    return spec
+
+
+_WANT = {"buf": "uint8", "x": "float32", "xf": "float32", "xq": "int8", "xd": "float32",
+         "xs": "float32", "out": "float32"}
+
+
+def _bad_arrays(what: str, outputs, **arrays) -> BadInput:
+    got = []
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            got.append(f"{name} is {type(a).__name__}")
+        elif a.dtype != _WANT[name] or a.ndim != 1 or not a.flags.c_contiguous:
+            got.append(f"{name} is {a.dtype} of shape {a.shape}"
+                       + ("" if a.flags.c_contiguous else ", not contiguous"))
+        elif name in outputs and not a.flags.writeable:
+            got.append(f"{name} is read-only")
+    need = ", ".join(f"{k} {_WANT[k]}" for k in arrays)
+    return BadInput(f"{what} needs 1-D C-contiguous arrays ({need}; outputs writable): "
+                    + ("; ".join(got) or "arguments of the wrong kind"))
+
+
+def prepare_activation(type_id: int, int8_mode: bool, x: np.ndarray, xf: np.ndarray,
+                       xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    """Fill the preallocated buffers with the activation x (float32[n], n a multiple of 256)
+    for a k-quant dot: float mode xf[:n] = x; int8 mode ggml's quantize_row_q8_K_ref into
+    xq[:n] (int8) and xd[:n // 256] (float32 d), and the 32-value sums of the quants into
+    xs[:n // 32] (module header). Finite x assumed."""
+    name, _, _ = _spec("prepare_activation", type_id)
+    n = len(x)
+    if n % QK_K:
+        raise BadInput(f"prepare_activation {name}: needs a multiple of {QK_K} values, got {n}")
+    if not int8_mode:
+        if len(xf) < n:
+            raise BadInput(f"prepare_activation {name}: xf holds {len(xf)} values, needs {n}")
+    elif len(xq) < n or len(xd) < n // QK_K or len(xs) < n // 32:
+        raise BadInput(f"prepare_activation {name}: {n} values need xq of {n}, xd of "
+                       f"{n // QK_K} and xs of {n // 32}, got {len(xq)}, {len(xd)}, {len(xs)}")
+    try:
+        _compiled("prepare")(bool(int8_mode), x, xf, xq, xd, xs)
+    except TypeError:
+        raise _bad_arrays("prepare_activation", ("xf", "xq", "xd", "xs"), x=x, xf=xf, xq=xq,
+                          xd=xd, xs=xs) from None
+
+
+def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
+                  first_block: int, blocks_per_row: int, xf: np.ndarray, xq: np.ndarray,
+                  xd: np.ndarray, xs: np.ndarray, out: np.ndarray, row_state=None) -> None:
+    """Add the n_blocks whole super-blocks in buf[:n_blocks * block_bytes] to out: global
+    blocks first_block, first_block + 1, ... of a row-major matrix of blocks_per_row blocks a
+    row (block g: row g // blocks_per_row, columns 256 * (g % blocks_per_row) + 0..255).
+    Each block's value (module header) is added to out[row] on its own, so runs may start and
+    end anywhere; row_state is ignored. xf/xq/xd/xs: what prepare_activation filled for the
+    same type and mode (only those the mode reads are checked for size)."""
+    name, kind, bb = _spec("matvec", type_id)
+    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
+        raise BadInput(f"matvec {name}: bad block range (n_blocks={n_blocks}, "
+                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
+    if len(buf) < n_blocks * bb:
+        raise BadInput(f"matvec {name}: {n_blocks} blocks need {n_blocks * bb} bytes, "
+                       f"the buffer holds {len(buf)}")
+    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
+        raise BadInput(f"matvec {name}: blocks {first_block}..{first_block + n_blocks - 1} reach "
+                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
+                       f"{len(out)} rows")
+    n_in = blocks_per_row * QK_K
+    if not int8_mode:
+        if len(xf) < n_in:
+            raise BadInput(f"matvec {name}: rows of {n_in} need xf of {n_in}, got {len(xf)}")
+    elif len(xq) < n_in or len(xd) < blocks_per_row or len(xs) < n_in // 32:
+        raise BadInput(f"matvec {name}: rows of {n_in} need xq of {n_in}, xd of "
+                       f"{blocks_per_row} and xs of {n_in // 32}, got {len(xq)}, {len(xd)}, "
+                       f"{len(xs)}")
+    try:
+        _compiled("matvec")(kind, bool(int8_mode), buf, n_blocks, first_block, blocks_per_row,
+                            xf, xq, xd, xs, out)
+    except TypeError:
+        raise _bad_arrays("matvec", ("out",), buf=buf, xf=xf, xq=xq, xd=xd, xs=xs,
+                          out=out) from None
+
+
+def dequantize_into(type_id: int, buf: np.ndarray, out: np.ndarray) -> None:
+    """Dequantize the whole blocks in buf (uint8, whole blocks) into out[:blocks * 256]
+    (float32), exactly as the type table's dequantize (ggml's dequantize_row_q*_K)."""
+    name, kind, bb = _spec("dequantize_into", type_id)
+    nb, rem = divmod(len(buf), bb)
+    if rem:
+        raise BadInput(f"dequantize_into {name}: {len(buf)} bytes are not whole {bb}-byte blocks")
+    if len(out) < nb * QK_K:
+        raise BadInput(f"dequantize_into {name}: {nb * QK_K} values do not fit in out of "
+                       f"{len(out)}")
+    try:
+        _compiled("dequantize_into")(kind, buf, nb, out)
+    except TypeError:
+        raise _bad_arrays("dequantize_into", ("out",), buf=buf, out=out) from None
