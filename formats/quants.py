@@ -85,6 +85,7 @@ class BoardOps:
     count_blocks: Callable | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def _ggml_ops(type_id: int) -> BoardOps:
     return BoardOps(
         lambda *a: kernels.prepare_activation(type_id, *a),

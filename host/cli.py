@@ -31,10 +31,18 @@ def _load_plugins(args) -> None:
 def _add_quant(p, required=False, default=None):
     p.add_argument("--quant", required=required, default=default, metavar="TYPE",
                    help="target type for the tensors rwkv.cpp quantizes: F32, F16, BF16, Q8_0, "
-                        "Q5_1, Q5_0, Q4_1, Q4_0, or a type a --plugin registers")
+                        "Q5_1, Q5_0, Q4_1, Q4_0, Q6_K..Q2_K, QX[:options] (e.g. QX:bpw=4.5), "
+                        "auto:BPW (per-tensor types for a size budget), or a type a --plugin "
+                        "registers")
     p.add_argument("--tensor-type", action="append", default=[], metavar="GLOB=TYPE",
                    help="override the type of tensors whose canonical name matches GLOB "
                         "(repeatable; the last match wins), e.g. 'head.weight=Q8_0'")
+    p.add_argument("--imatrix", metavar="FILE.npz",
+                   help="importance statistics from `calibrate`: Q4_0/Q4_1/Q5_0/Q5_1 and QX "
+                        "minimise importance-weighted error; auto:BPW uses them too")
+    p.add_argument("--calib-text", metavar="FILE",
+                   help="--quant auto:BPW: measure each tensor's sensitivity as the KL over "
+                        "this text (else a weighted-error proxy)")
 
 
 def cmd_inspect(args):
@@ -45,7 +53,8 @@ def cmd_inspect(args):
 
 def cmd_convert(args):
     from .convert import convert
-    result = convert(args.src, args.output, args.quant, args.tensor_type, args.format)
+    result = convert(args.src, args.output, args.quant, args.tensor_type, args.format,
+                     args.imatrix, args.calib_text)
     if args.json:
         print(json.dumps(result, indent=1))
     elif args.output != "-":
@@ -107,6 +116,7 @@ def cmd_run(args):
 def cmd_eval(args):
     from .quality import evaluate
     r = evaluate(args.model, args.text, quant=args.quant, overrides=args.tensor_type,
+                 importance=args.imatrix, calib_text=args.calib_text,
                  mode=args.mode, reference=args.reference, columns=args.seq,
                  tokenizer=args.tokenizer, limit=args.limit)
     if args.json:
@@ -130,12 +140,35 @@ def cmd_calibrate(args):
           f"{r['output']}: importance of {r['tensors']} matrices over {r['tokens']:,} tokens")
 
 
+def cmd_sweep(args):
+    from .sweep import SETTINGS, format_table, plot, sweep
+    settings = [x for x in args.settings.split(",") if x] if args.settings else SETTINGS
+    # "QX:bpw=3,bs=64" would split: rejoin option fragments with the setting before them
+    joined = []
+    for x in settings:
+        if joined and "=" in x and ":" not in x:
+            joined[-1] += "," + x
+        else:
+            joined.append(x)
+    if args.plot:
+        from .sweep import need_matplotlib
+        need_matplotlib()               # before minutes of work, not after
+    result = sweep(args.model, args.text, joined, tokenizer=args.tokenizer, limit=args.limit,
+                   columns=args.seq, importance=args.imatrix,
+                   progress=lambda s: print(f"  {s}", file=sys.stderr) if not args.json else None)
+    if args.plot:
+        plot(result, args.plot)
+        result["plot"] = args.plot
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+
+
 def cmd_plan(args):
     from firmware_sim.profiles import get_profile
 
     from .plan_cmd import format_text, plan
     board = get_profile(args.board).with_overrides(args.ram, args.psram, args.flash)
-    result = plan(args.model, board, args.quant, args.tensor_type, args.chunk)
+    result = plan(args.model, board, args.quant, args.tensor_type, args.chunk,
+                  importance=args.imatrix, calib_text=args.calib_text)
     print(json.dumps(result, indent=1) if args.json else format_text(result))
     return 0 if result["fits"] else 1
 
@@ -373,6 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", metavar="TYPE", help="run the model quantized (default: as stored)")
     _add_json(s)
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("sweep", help="quality against size: every type, QX settings and auto "
+                                     "budgets on a text; a table and a plot",
+                       description="Evaluate MODEL (a checkpoint) quantized every way on a text "
+                                   "against its F32 self: bits per weight of the quantized "
+                                   "matrices, stream bytes, bits per byte, mean KL, top-1 "
+                                   "agreement. --plot FILE.png draws KL against size "
+                                   "(needs matplotlib).")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--text", required=True, metavar="FILE")
+    s.add_argument("--settings", metavar="LIST",
+                   help="comma-separated --quant values (default: all types, QX bpw 3..6, "
+                        "auto 3.5..6); e.g. Q4_0,QX:bpw=4.5,auto:4.5")
+    s.add_argument("--plot", metavar="FILE.png")
+    s.add_argument("--seq", type=int, default=32, help="tokens per pass (default 32)")
+    s.add_argument("--limit", type=int, help="use only the first N tokens")
+    s.add_argument("--tokenizer", help="bytes, world, or a tokenizer.json path")
+    s.add_argument("--imatrix", metavar="FILE.npz", help="importance from calibrate")
+    _add_json(s)
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     s.add_argument("what", choices=["quantize", "convert", "run", "sequence", "link"],

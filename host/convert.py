@@ -6,6 +6,7 @@ from pathlib import Path
 from formats.errors import UsageError
 from formats.quants import by_name
 
+from .auto import parse_budget
 from .bin_writer import write_bin
 from .model import Model, load_model
 from .outputs import atomic_output
@@ -29,10 +30,15 @@ def output_format(dst: str, explicit: str | None) -> str:
     return FORMATS[suffix]
 
 
-def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None = None) -> dict:
+def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None = None,
+                  importance=None, calib_text=None) -> dict:
     fmt = output_format(str(dst), fmt)
-    target = by_name(quant)
-    plan = make_plan(model, target, overrides)
+    auto = parse_budget(quant) is not None
+    if auto and fmt == "rwkv.cpp":
+        raise UsageError("--quant auto mixes types rwkv.cpp files cannot hold: write a stream "
+                         "(.rwks)")
+    target = by_name("Q4_0" if auto else quant)
+    plan = make_plan(model, quant if auto else target, overrides, importance, calib_text)
     total = sum(t.source.nbytes for t in model)
     with progress_bar(total, f"convert -> {quant}") as bar, atomic_output(dst) as out:
         if fmt == "rwkv.cpp":
@@ -40,14 +46,15 @@ def convert_model(model: Model, dst, quant: str, overrides=(), fmt: str | None =
         else:
             vs = VirtualStream(model, plan)
             write_stream(vs, out, progress=lambda r: bar.update(model[r.name].source.nbytes))
-    return dict(output=str(dst), format=fmt, quant=target.name,
+    return dict(output=str(dst), format=fmt, quant=quant if auto else target.name,
                 types={n: q.name for n, q in plan.items()}, fallbacks=plan.fallbacks,
-                fallback_notes=fallback_notes(plan.fallbacks))
+                fallback_notes=fallback_notes(plan.fallbacks), auto=plan.auto)
 
 
-def convert(src, dst, quant: str, overrides=(), fmt: str | None = None) -> dict:
+def convert(src, dst, quant: str, overrides=(), fmt: str | None = None, importance=None,
+            calib_text=None) -> dict:
     model = load_model(src)
     try:
-        return convert_model(model, dst, quant, overrides, fmt)
+        return convert_model(model, dst, quant, overrides, fmt, importance, calib_text)
     finally:
         model.close()

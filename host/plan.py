@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import fnmatch
 
+import numpy as np
+
 from formats.errors import BadInput, UsageError
 from formats.quants import QuantType, by_name
 
@@ -12,11 +14,35 @@ from .model import Model, ModelTensor
 class Plan(dict):
     """name -> type for every tensor, in forward order; `fallbacks` lists the tensors whose
     rows are not whole blocks of the type they were meant to get, and which got that type's
-    `fallback` instead (dicts: tensor, type, fallback, n_cols)."""
+    `fallback` instead (dicts: tensor, type, fallback, n_cols); `importance` maps tensor names
+    to per-column importance for the quantizers; `auto` is auto:BPW's report."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.fallbacks: list[dict] = []
+        self.importance: dict = {}
+        self.auto: dict | None = None
+
+
+def _importance(model: Model, importance) -> dict:
+    """calibrate's statistics, checked against the model: name -> float32 (n_cols,)."""
+    if importance is None:
+        return {}
+    if not isinstance(importance, dict):
+        from .quality import load_importance
+        path, importance = importance, load_importance(importance)
+    else:
+        path = None
+    names = {t.name: t for t in model}
+    for name, values in importance.items():
+        t = names.get(name)
+        if t is None:
+            raise BadInput(f"importance for {name}, which this model does not have (a file "
+                           "calibrated on another model?)", path=path)
+        if values.shape != (t.shape[-1],) or not np.all(np.isfinite(values)):
+            raise BadInput(f"importance of {name} has shape {values.shape}, the tensor's rows "
+                           f"have {t.shape[-1]} columns (or it is not finite)", path=path)
+    return importance
 
 F32, F16 = by_name("F32"), by_name("F16")
 
@@ -68,15 +94,36 @@ def default_type(t: ModelTensor, target: QuantType) -> QuantType:
     return target if _fp16_rule(t) else F32
 
 
-def make_plan(model: Model, quant: str | QuantType | None, overrides=()) -> Plan:
+def make_plan(model: Model, quant: str | QuantType | None, overrides=(), importance=None,
+              calib_text=None, progress=None) -> Plan:
     """name -> type for every tensor, in forward order (a Plan: a dict that also lists the
-    fallbacks). quant None keeps the source's types. A tensor whose rows are not whole blocks of
-    its type gets the type's fallback (k-quants: as llama.cpp does), recorded in
-    `plan.fallbacks`; a type without one is BadInput."""
-    target = quant if isinstance(quant, QuantType) or quant is None else by_name(quant)
+    fallbacks). quant None keeps the source's types; "auto:BPW" chooses per tensor
+    (host/auto.py; the report is `plan.auto`). A tensor whose rows are not whole blocks of its
+    type gets the type's fallback (k-quants: as llama.cpp does), recorded in `plan.fallbacks`;
+    a type without one is BadInput. `importance` (calibrate's .npz path, or name -> per-column
+    array) goes with the plan to the quantizers (`plan.importance`)."""
+    from .auto import auto_plan, parse_budget
+    importance = _importance(model, importance)
+    budget = parse_budget(quant)
+    if budget is None and calib_text is not None:
+        raise UsageError("--calib-text is for --quant auto:BPW")
+    target = quant if isinstance(quant, QuantType) or quant is None or budget is not None \
+        else by_name(quant)
+    if budget is not None:
+        target = by_name("Q4_0")        # what the tensors outside the budget get, as Q4_0 would
     rules = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) \
         else list(overrides)
     plan = Plan((t.name, default_type(t, target) if target else t.source_type) for t in model)
+    plan.importance = importance
+    if budget is not None:
+        names = [t.name for t in model if _quantize_rule(t)]
+        tokens = None
+        if calib_text is not None:
+            from .quality import _tokens
+            tokens, _ = _tokens(calib_text, model.hparams.n_vocab, None, 128)
+        chosen, plan.auto = auto_plan(model, budget, dict(plan), names, importance=importance,
+                                      tokens=tokens, progress=progress)
+        plan.update(chosen)
     used = set()
     for t in model:
         for glob, qtype in rules:

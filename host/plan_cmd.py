@@ -12,7 +12,7 @@ from .plan import fallback_notes, make_plan, stream_fallbacks
 from .stream.layout import StreamLayout
 
 
-def _layout(model_path, quant, overrides):
+def _layout(model_path, quant, overrides, importance=None, calib_text=None):
     with open(model_path, "rb") as f:
         is_stream = f.read(4) == S.MAGIC
     if is_stream:
@@ -27,7 +27,7 @@ def _layout(model_path, quant, overrides):
         finally:
             sf.close()
     model = load_model(model_path)
-    plan = make_plan(model, quant, overrides)
+    plan = make_plan(model, quant, overrides, importance, calib_text)
     lay = StreamLayout.for_model(model, plan)
     emb, last = lay.records[0], lay.records[-1]
     return (model.hparams, lay.total_size, emb.row_bytes + last.end - emb.end,
@@ -39,9 +39,10 @@ def _per_prompt_token(per_token: int, emb_row: int, columns: int) -> int:
     return (per_token - emb_row) // columns + emb_row
 
 
-def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096) -> dict:
-    hp, stream_bytes, per_token, types, emb_row_bytes, fallbacks = _layout(model_path, quant,
-                                                                           overrides)
+def plan(model_path, board: BoardProfile, quant=None, overrides=(), chunk=4096, *,
+         importance=None, calib_text=None) -> dict:
+    hp, stream_bytes, per_token, types, emb_row_bytes, fallbacks = _layout(
+        model_path, quant, overrides, importance, calib_text)
     result = dict(model=str(model_path), board=board.as_dict(), **{"rwkv": hp.as_dict()},
                   stream_bytes=stream_bytes, bytes_per_token=per_token, chunk=chunk)
     buffers = buffer_plan(hp, chunk, logits=True)

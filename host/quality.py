@@ -24,6 +24,7 @@ from .run_cmd import open_source
 from .tokenizers import get_tokenizer
 
 DEFAULT_COLUMNS = 32
+EVAL_CHUNK = 1 << 20
 
 
 def _tokens(path, n_vocab: int, tokenizer: str | None, limit: int | None) -> tuple[list, object]:
@@ -43,7 +44,8 @@ def _tokens(path, n_vocab: int, tokenizer: str | None, limit: int | None) -> tup
 def run_logits(source, tokens, mode: str = "float", columns: int = DEFAULT_COLUMNS,
                observe=None) -> np.ndarray:
     """(T, n_vocab) logits after every token, from a fresh state."""
-    board = Board(source, mode=mode, columns=columns, every_logit=True)
+    # a measuring board, not a small one: a big chunk means few kernel calls per matrix
+    board = Board(source, mode=mode, columns=columns, every_logit=True, chunk=EVAL_CHUNK)
     board.observe = observe
     try:
         return board.eval_logits(tokens)
@@ -82,13 +84,14 @@ def is_stream(path) -> bool:
 
 
 def evaluate(model, text, *, quant=None, overrides=(), mode="float", reference=None,
-             columns=DEFAULT_COLUMNS, tokenizer=None, limit=None, progress=None) -> dict:
+             columns=DEFAULT_COLUMNS, tokenizer=None, limit=None, importance=None,
+             calib_text=None) -> dict:
     """eval's result. The reference is `reference` (a checkpoint) or MODEL itself when it is a
     checkpoint, run as F32 in float mode."""
-    source = open_source(model, quant, overrides)
+    source = open_source(model, quant, overrides, importance, calib_text)
     hp = Board(source, logits=False).hp          # a board reads the header: n_vocab, version
     tokens, tok = _tokens(text, hp.n_vocab, tokenizer, limit)
-    logits = run_logits(open_source(model, quant, overrides), tokens, mode, columns)
+    logits = run_logits(source, tokens, mode, columns)
     ref_path = reference or (None if is_stream(model) else model)
     ref = None
     if ref_path is not None:

@@ -20,7 +20,7 @@ from .stream import VirtualStream
 from .tokenizers import StreamingDecoder, get_tokenizer
 
 
-def open_source(path, quant=None, overrides=()):
+def open_source(path, quant=None, overrides=(), importance=None, calib_text=None):
     """A stream file is read as it is; any checkpoint becomes a virtual stream (quantized on
     the fly to --quant, or keeping its own types)."""
     path = Path(path)
@@ -29,12 +29,13 @@ def open_source(path, quant=None, overrides=()):
     with open(path, "rb") as f:
         is_stream = f.read(4) == S.MAGIC
     if is_stream:
-        if quant or overrides:
-            raise UsageError("--quant and --tensor-type apply to checkpoints; this is already "
-                             "a stream")
+        if quant or overrides or importance or calib_text:
+            raise UsageError("--quant, --tensor-type, --imatrix and --calib-text apply to "
+                             "checkpoints; this is already a stream")
         return FileSource(path)
     model = load_model(path)
-    return VirtualSource(VirtualStream(model, make_plan(model, quant, overrides)))
+    return VirtualSource(VirtualStream(model, make_plan(model, quant, overrides, importance,
+                                                        calib_text)))
 
 
 MAX_SEQUENCE = 64
@@ -66,7 +67,8 @@ STREAMED_TOP_P_K = 256
 
 
 def run(args) -> dict:
-    source = open_source(args.model, args.quant, args.tensor_type)
+    source = open_source(args.model, args.quant, args.tensor_type, args.imatrix,
+                         args.calib_text)
     if args.batch_file:
         from .batch_cmd import run_batch
         return run_batch(source, args)

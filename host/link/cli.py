@@ -112,7 +112,8 @@ def _session(args):
 
 def _open(args):
     from host.run_cmd import open_source
-    return open_source(args.src, args.quant, args.tensor_type)
+    return open_source(args.src, args.quant, args.tensor_type, getattr(args, "imatrix", None),
+                       getattr(args, "calib_text", None))
 
 
 def _precheck(args, source, mode):

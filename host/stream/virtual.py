@@ -32,6 +32,7 @@ class VirtualStream:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._crc: dict[str, int] = {}
+        self._headers: dict[int, bytes] = {}
         measured: dict[str, np.ndarray] = {}
         self.layout = layout or StreamLayout.for_model(model, plan, with_index=with_index,
                                                        keep=measured, keep_bytes=cache_bytes)
@@ -81,6 +82,12 @@ class VirtualStream:
         return b"".join(parts)
 
     def _record_header(self, rec: RecordSpan) -> bytes:
+        head = self._headers.get(rec.index)
+        if head is None:
+            head = self._headers[rec.index] = self._build_record_header(rec)
+        return head
+
+    def _build_record_header(self, rec: RecordSpan) -> bytes:
         return record_header_bytes(S.RecordKind.TENSOR, rec.index, rec.qtype.id, rec.shape,
                                    rec.data_size, ROW_TABLE if rec.rows is not None else 0)
 
