@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", default="Q5_1", help="type for the matrices (default Q5_1)")
     s.add_argument("--prompt", default="The ", help="prompt text")
     s.add_argument("-n", type=int, default=120, help="bytes to generate (default 120)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="sample on the host from the logits the board sends back (default 0: "
+                        "the board generates greedily)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    s.add_argument("--seed", type=int, help="random seed for sampling")
     s.add_argument("--model", help=argparse.SUPPRESS)
     _add_json(s)
     s.set_defaults(func=cmd_demo)

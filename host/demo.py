@@ -36,7 +36,9 @@ def bundled_model() -> Path:
 
 
 def demo(model_path=None, board_name="rp2350", quant="Q5_1", prompt="The ", n=120,
-         say=print) -> dict:
+         say=print, sampler=None) -> dict:
+    """`sampler` (host.sampling.Sampler): the host draws each token from the logits the board
+    sends back; without it the board generates greedily by itself."""
     from firmware_sim.profiles import get_profile
     from firmware_sim.sources import VirtualSource
     path = Path(model_path) if model_path else bundled_model()
@@ -75,7 +77,14 @@ def demo(model_path=None, board_name="rp2350", quant="Q5_1", prompt="The ", n=12
                 host.reset()
                 tokens = ByteTokenizer().encode(prompt)
                 t0 = time.perf_counter()
-                generated = host.eval(tokens, n)
+                if sampler is None:
+                    generated = host.eval(tokens, n)
+                else:
+                    host.eval(tokens)
+                    generated = []
+                    for _ in range(n):
+                        generated.append(sampler(host.logits()))
+                        host.eval(generated[-1:])
                 seconds = time.perf_counter() - t0
                 text = bytes(generated).decode("utf-8", "replace")
                 say(f"\n{prompt}{text}\n")
@@ -107,4 +116,8 @@ def main_demo(args) -> dict:
     say = (lambda *a, **k: None) if args.json else \
         (lambda *a, **k: print(*a, **k, file=sys.stderr if a and str(a[0]).startswith(
             ("model", "board", "link", "installed", "cost")) else sys.stdout))
-    return demo(args.model, args.board, args.quant, args.prompt, args.n, say)
+    sampler = None
+    if args.temperature > 0:
+        from .sampling import Sampler
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    return demo(args.model, args.board, args.quant, args.prompt, args.n, say, sampler)

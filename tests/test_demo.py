@@ -31,3 +31,16 @@ def test_bundled_model_loads_and_runs():
         pytest.skip(f"no bundled model in {DATA} yet")
     r = _demo(found[0], n=16)
     assert len(r["text"]) > 0
+
+
+def test_sampled_demo_draws_what_run_draws_with_the_same_seed():
+    """With a temperature the host samples from the logits the board sends back over the
+    link; `run` samples from the simulator's logits with the same Sampler and seed."""
+    model = fixture_path("pytorch", "tiny-rwkv-5v2-730K-bf16.pth")
+    args = ["--temperature", "0.8", "--top-k", "20", "--seed", "4"]
+    r = json.loads(run_cli("demo", "--model", model, "-n", "20", "--prompt", "The ", "--json",
+                           *args, check_status=0).stdout)
+    direct = json.loads(run_cli("run", model, "--prompt", "The ", "-n", "20", "--quant",
+                                "Q5_1", "--json", *args, check_status=0).stdout)
+    greedy = _demo(model, n=20)
+    assert r["text"] == direct["text"] and r["text"] != greedy["text"]
