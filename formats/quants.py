@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from . import imatrix, kernels, kquant_dot, kquants
+from . import qx
 from .errors import BadInput
 
 
@@ -281,6 +282,9 @@ BUILTIN_TYPES: tuple[QuantType, ...] = (
     QuantType("Q6_K", 14, None, 256, 210, kquants.quantize_q6_k, kquants.dequantize_q6_k,
               ops=_kquant_ops(14), fallback="Q8_0"),
     QuantType("BF16", 30, None, 1, 2, _bf16_quantize, _bf16_dequantize),
+    # QX (formats/qx.py): variable-size blocks, mixed widths + fp16 outliers; "QX:options"
+    # (bpw=, err=, rel=, bs=, widths=, outliers=) gives a variant
+    qx.make_type(),
 )
 
 # The table: built-in types, then types registered by plug-ins (formats/plugins.py).

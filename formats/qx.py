@@ -1,0 +1,1520 @@
+"""QX: mixed per-block precision with sparse FP16 outliers (type id 128, a variable-size type).
+
+Every block of B = 32 or 64 consecutive elements of a row picks its own bit width (0..8, or a
+raw fp16 block), a symmetric or asymmetric grid, and up to 7 outliers stored exactly as fp16
+(position + value pairs, not a bitmap). A block's size follows from its first byte, so a
+reader walks a row block by block; rows never share a block. The byte layout is in
+docs/format.md (7.1 "QX blocks"); in short:
+
+  byte 0   bits 0-3 width code c (0..8 = bits per quant, 15 = raw fp16 block)
+           bit 4    S (symmetric grid, no offset field)
+           bits 5-7 n_out (outliers, 0..7)
+  c == 15:  f16 value[B]                              (S = 0, n_out = 0)
+  else:     f16 d              if c > 0
+            f16 m              if S == 0
+            u8  pos[n_out]     strictly increasing, < B
+            f16 val[n_out]
+            quants: B/32 groups of 32 elements, 4c bytes each, as bit planes (below)
+  size = 1 + 2*(c > 0) + 2*(S == 0) + 3*n_out + B*c/8   (c == 15: 1 + 2B)
+
+  value of element e: val[j] if pos[j] == e; else S == 0: q_e*d + m (two f32 roundings;
+  c == 0: m); S == 1: (q_e - 2^(c-1))*d (c == 0: 0).
+
+Quants of a 32-element group are bit planes, lowest bits first: c = 8 is one byte per element;
+otherwise a 4-bit plane if c & 4, then a 2-bit plane if c & 2, then a 1-bit plane if c & 1,
+and q = plane4 | plane2 << (c & 4) | plane1 << (c & 6). A plane of b bits is 4b bytes; element
+e (0..31) sits in byte e mod 4b at bit b*floor(e / 4b) (ggml's split-nibble order for b = 4),
+so a few vector loads, uniform shifts and shuffles unpack a whole group, and a width
+known only at run time needs no branch (the planes sit at offsets computed from c).
+
+The payload of a record (what QuantType._quantize returns) is `u32 row_offset[rows + 1]`
+(byte offsets from the payload start; row_offset[0] = 4*(rows + 1), row_offset[rows] = size)
+followed by the rows.
+
+Quantizer (`quantize_rows`): every block's candidate encodings (each width of the settings and
+0 and fp16, symmetric or not, 0..max_outliers outliers taken from the ends of the value range)
+are evaluated exactly (the f32 values a board computes), then
+* error-bound mode (`err=`, `rel=`): grids that cover the non-outliers' range (d rounded up);
+  each block takes its smallest encoding with every weight within
+  tol_e = max(err, rel * max(|x_e|, floor)) of its source (floor = the tensor's RMS in rel
+  mode; an outlier's error is its fp16 rounding), the lowest weighted squared error among
+  equal sizes; a block no encoding meets (a bound finer than fp16) is stored as raw fp16;
+* target-size mode (`bpw=`): least-squares grids (symmetric: ggml's Q4_0 choice
+  d = vmax / -2^(c-1); then one weighted least-squares refit of d, m for the quants found, kept
+  if better), the lower convex hull (bytes, weighted squared error) of each block's
+  encodings, and hull steps taken globally in order of error saved per byte while the tensor
+  (row table and block headers included) fits rows*cols*bpw/8 bytes; what is left is less
+  than one block's next step (so less than one block).
+Importance weights (float32[cols]) weight each column's squared error (in error-bound mode
+they only break ties).
+
+Board kernels (BoardOps): `prepare_activation` (xf = x; int8 mode adds ggml's Q8_0 per 32
+elements in xq/xd, and xs[b] = the exact integer sum of xq over block b as float32),
+`matvec_blocks`, `dequantize_into`, `count_blocks`. The 32-element group unpack and dot
+products are LLVM vector IR (formats/kernels.py explains why); the per-block control is numba.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from . import kernels as K
+from .errors import BadInput
+from .jit import kernel
+from .kernels import (_I8, _I32, _I64, _F32, _at, _const_vec, _data_ptr, _f16_bits_to_f32,
+                      _f32_to_f16_bits, _load, _splat, _store, _tree_sum, _vt)
+
+TYPE_ID = 128
+NAME = "QX"
+RAW = 15                  # width code of a raw fp16 block
+MAX_OUT = 7               # n_out is 3 bits
+G = 32                    # elements per quant group (and per Q8_0 activation block)
+DEFAULT_WIDTHS = (1, 2, 3, 4, 5, 6, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+@dataclass(frozen=True)
+class QXSettings:
+    """How to quantize: block_size 32 or 64; exactly one of bpw (target bits per weight,
+    everything included), err (absolute bound), rel (relative bound); the widths a block may
+    use besides 0 and fp16; at most max_outliers (0..7) fp16 outliers per block."""
+    block_size: int = 32
+    bpw: float | None = 4.5
+    err: float | None = None
+    rel: float | None = None
+    widths: tuple = DEFAULT_WIDTHS
+    max_outliers: int = 4
+
+    def __post_init__(self):
+        if self.block_size not in (32, 64):
+            raise BadInput(f"QX block size must be 32 or 64, got {self.block_size}")
+        modes = [v for v in (self.bpw, self.err, self.rel) if v is not None]
+        if len(modes) != 1:
+            raise BadInput("QX needs exactly one of bpw=, err=, rel=")
+        if not all(np.isfinite(v) and v > 0 for v in modes):
+            raise BadInput(f"QX: bpw/err/rel must be a positive number, got {modes[0]}")
+        if not self.widths or any(w not in range(1, 9) for w in self.widths):
+            raise BadInput(f"QX widths must be among 1..8, got {self.widths}")
+        if self.max_outliers not in range(0, MAX_OUT + 1):
+            raise BadInput(f"QX outliers must be 0..{MAX_OUT}, got {self.max_outliers}")
+
+    def options(self) -> str:
+        mode = (f"bpw={self.bpw:g}" if self.bpw is not None else
+                f"err={self.err:g}" if self.err is not None else f"rel={self.rel:g}")
+        return (f"bs={self.block_size},{mode},widths={','.join(map(str, self.widths))},"
+                f"outliers={self.max_outliers}")
+
+
+def parse_options(options: str, base: QXSettings | None = None) -> QXSettings:
+    """"bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4" -> QXSettings (bare numbers after
+    widths= continue its list)."""
+    base = base or QXSettings()
+    got: dict = {}
+    key = None
+    for tok in (t.strip() for t in options.split(",")):
+        if not tok:
+            continue
+        if "=" in tok:
+            key, _, val = (s.strip() for s in tok.partition("="))
+            key = key.lower()
+        elif key == "widths":
+            val = tok
+        else:
+            raise BadInput(f"QX option {tok!r} is not key=value (keys: bs, bpw, err, rel, "
+                           "widths, outliers)")
+        try:
+            if key in ("bs", "block_size"):
+                got["block_size"] = int(val)
+            elif key in ("bpw", "err", "rel"):
+                got[key] = float(val)
+            elif key == "widths":
+                got["widths"] = got.get("widths", ()) + (int(val),) if "=" not in tok \
+                    else (int(val),)
+            elif key == "outliers":
+                got["max_outliers"] = int(val)
+            else:
+                raise BadInput(f"unknown QX option {key!r} (keys: bs, bpw, err, rel, widths, "
+                               "outliers)")
+        except ValueError:
+            raise BadInput(f"QX option {key}={val!r} is not a number") from None
+    if any(k in got for k in ("bpw", "err", "rel")):
+        got = {"bpw": None, "err": None, "rel": None, **got}
+    if "widths" in got:
+        got["widths"] = tuple(sorted(set(got["widths"])))
+    return replace(base, **got)
+
+
+def block_bytes(code: int, sym: int, n_out: int, B: int) -> int:
+    if code == RAW:
+        return 1 + 2 * B
+    return 1 + 2 * (code > 0) + 2 * (sym == 0) + 3 * n_out + B * code // 8
+
+
+def max_block_bytes(B: int) -> int:
+    return max(1 + 2 * B, block_bytes(8, 0, MAX_OUT, B))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar helpers (numba)
+
+@kernel(inline="always")
+def _f16(h):
+    return _f16_bits_to_f32(h)
+
+
+@kernel(inline="always")
+def _f16_up(f):
+    """The fp16 bits of the smallest-magnitude fp16 >= |f| in magnitude, with f's sign."""
+    h = _f32_to_f16_bits(f)
+    if np.abs(_f16_bits_to_f32(h)) < np.abs(f) and (h & 0x7FFF) < 0x7C00:
+        h += 1
+    return h
+
+
+@kernel(inline="always")
+def _size(hdr, B):
+    c = hdr & 15
+    if c == RAW:
+        return 1 + 2 * B
+    return (1 + (2 if c > 0 else 0) + (2 if (hdr & 16) == 0 else 0) + 3 * (hdr >> 5)
+            + B * c // 8)
+
+
+@kernel(inline="always")
+def _put_q(out, qo, c, e, q):
+    """Store quant q of element e of the group at out[qo] (planes zeroed beforehand)."""
+    if c == 8:
+        out[qo + e] = q
+        return
+    off = qo
+    for b in (4, 2, 1):
+        if c & b:
+            nb = 4 * b
+            out[off + e % nb] |= (q & ((1 << b) - 1)) << (b * (e // nb))
+            q >>= b
+            off += nb
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector IR: one 32-element group
+
+def _concat(builder, parts):
+    """Concatenate equal-length vectors, in order (a shuffle tree)."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], _const_vec(_I32, range(2 * n)))
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _emit_q32(builder, ptr, c):
+    """The 32 quants (unsigned, < 2^c) of the group whose planes start at i8* ptr."""
+    if c == 8:
+        return _load(builder, ptr, _vt(_I8, 32))
+    q = None
+    off = 0
+    shift = 0
+    for b in (4, 2, 1):
+        if not c & b:
+            continue
+        nb = 4 * b
+        v = _load(builder, builder.gep(ptr, [ir.Constant(_I64, off)]), _vt(_I8, nb))
+        if b == 1:
+            # bit e // 4 of byte e % 4, moved to bit `shift`: a test and a select
+            rep = builder.shuffle_vector(v, v, _const_vec(_I32, [e % 4 for e in range(32)]))
+            bit = builder.and_(rep, _const_vec(_I8, [1 << (e // 4) for e in range(32)]))
+            part = builder.select(builder.icmp_unsigned("!=", bit, _const_vec(_I8, [0] * 32)),
+                                  _const_vec(_I8, [1 << shift] * 32),
+                                  _const_vec(_I8, [0] * 32))
+        else:
+            # segment s of the group = (plane >> b*s) & mask: uniform shifts, then concatenated
+            mask = _const_vec(_I8, [(1 << b) - 1] * nb)
+            segs = []
+            for sgm in range(8 // b):
+                t = v if sgm == 0 else builder.lshr(v, _const_vec(_I8, [b * sgm] * nb))
+                segs.append(builder.and_(t, mask))
+            part = _concat(builder, segs)
+            if shift:
+                part = builder.shl(part, _const_vec(_I8, [shift] * 32))
+        q = part if q is None else builder.or_(q, part)
+        off += nb
+        shift += b
+    return q
+
+
+def _emit_q32_any(builder, ptr, c):
+    """_emit_q32 for a run-time width c (i64, 1..8) without branches: the planes are loaded at
+    their run-time offsets and masked in or out. Reads 32 bytes from ptr whatever c is (the
+    caller makes sure they are inside the buffer)."""
+    v16, v32 = _vt(_I8, 16), _vt(_I8, 32)
+    c8 = builder.trunc(c, _I8)
+
+    def splat8(x):
+        return _splat(builder, x, 32)
+
+    def bit(b):
+        return builder.icmp_unsigned("!=", builder.and_(c8, ir.Constant(_I8, b)),
+                                     ir.Constant(_I8, 0))
+
+    zero8 = ir.Constant(_I8, 0)
+    has4, has2, has1 = bit(4), bit(2), bit(1)
+    is8 = builder.icmp_unsigned("==", c8, ir.Constant(_I8, 8))
+    whole = _load(builder, ptr, v32)                                   # c == 8: the bytes
+    nib = builder.shuffle_vector(whole, whole, _const_vec(_I32, range(16)))
+    q = _concat(builder, [builder.and_(nib, _const_vec(_I8, [15] * 16)),
+                          builder.lshr(nib, _const_vec(_I8, [4] * 16))])
+    q = builder.and_(q, splat8(builder.select(has4, ir.Constant(_I8, 0xFF), zero8)))
+    o2 = builder.select(has4, ir.Constant(_I64, 16), ir.Constant(_I64, 0))
+    two = _load(builder, builder.gep(ptr, [o2]), _vt(_I8, 8))
+    mask2 = _const_vec(_I8, [3] * 8)
+    segs = [builder.and_(two if s_ == 0 else builder.lshr(two, _const_vec(_I8, [2 * s_] * 8)),
+                         mask2) for s_ in range(4)]
+    p2 = builder.shl(_concat(builder, segs),
+                     splat8(builder.select(has4, ir.Constant(_I8, 4), zero8)))
+    q = builder.or_(q, builder.and_(p2, splat8(builder.select(has2, ir.Constant(_I8, 0xFF),
+                                                              zero8))))
+    o1 = builder.add(o2, builder.select(has2, ir.Constant(_I64, 8), ir.Constant(_I64, 0)))
+    one = _load(builder, builder.gep(ptr, [o1]), _vt(_I8, 4))
+    rep = builder.shuffle_vector(one, one, _const_vec(_I32, [e % 4 for e in range(32)]))
+    b1 = builder.icmp_unsigned("!=", builder.and_(rep, _const_vec(_I8, [1 << (e // 4)
+                                                                         for e in range(32)])),
+                               _const_vec(_I8, [0] * 32))
+    s1 = builder.and_(c8, ir.Constant(_I8, 6))
+    p1 = builder.select(b1, splat8(builder.shl(ir.Constant(_I8, 1), s1)), _const_vec(_I8, [0] * 32))
+    q = builder.or_(q, builder.and_(p1, splat8(builder.select(has1, ir.Constant(_I8, 0xFF),
+                                                              zero8))))
+    return builder.select(is8, whole, q)
+
+
+def _emit_w32_any(builder, ptr, c, d, m, zq):
+    q = builder.zext(_emit_q32_any(builder, ptr, c), _vt(_I32, 32))
+    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
+    w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
+    return builder.fadd(w, _splat(builder, m, 32))
+
+
+@intrinsic
+def _fdot_gen(typingctx, buf, o, c, d, m, zq, xf, xo):
+    """_fdot_any without branches (reads 32 bytes at buf[o:])."""
+    sig = types.float32(buf, types.int64, types.int64, types.float32, types.float32,
+                        types.int64, xf, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, c, d, m, zq, xf, xo = args
+        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
+        x = _load(builder, _data_ptr(context, builder, sig.args[6], xf, xo), _vt(_F32, 32))
+        return _tree_sum(builder, builder.fmul(_emit_w32_any(builder, ptr, c, d, m, zq), x), 32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _idot_gen(typingctx, buf, o, c, xq, xo):
+    """_idot_any without branches (reads 32 bytes at buf[o:])."""
+    sig = types.int64(buf, types.int64, types.int64, xq, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, c, xq, xo = args
+        v32 = _vt(_I32, 32)
+        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
+        x = builder.sext(_load(builder, _data_ptr(context, builder, sig.args[3], xq, xo),
+                               _vt(_I8, 32)), v32)
+        p = builder.mul(builder.zext(_emit_q32_any(builder, ptr, c), v32), x)
+        for n in (16, 8):           # adjacent pairs twice: the shape of pmaddubsw/pmaddwd
+            even = builder.shuffle_vector(p, p, _const_vec(_I32, range(0, 2 * n, 2)))
+            odd = builder.shuffle_vector(p, p, _const_vec(_I32, range(1, 2 * n, 2)))
+            p = builder.add(even, odd)
+        n = 8
+        while n > 1:
+            n //= 2
+            p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(n))),
+                            builder.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
+        return builder.sext(builder.extract_element(p, ir.Constant(_I32, 0)), _I64)
+
+    return sig, codegen
+
+
+@intrinsic
+def _fdot_const(typingctx, v, xf, xo):
+    """Tree sum of v * xf[xo:xo+32]."""
+    sig = types.float32(types.float32, xf, types.int64)
+
+    def codegen(context, builder, sig, args):
+        v, xf, xo = args
+        x = _load(builder, _data_ptr(context, builder, sig.args[1], xf, xo), _vt(_F32, 32))
+        return _tree_sum(builder, builder.fmul(_splat(builder, v, 32), x), 32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _fdot_f16(typingctx, buf, o, xf, xo):
+    """Tree sum of the 32 fp16 values at buf[o:] times xf[xo:xo+32]."""
+    sig = types.float32(buf, types.int64, xf, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, xf, xo = args
+        h = _load(builder, _data_ptr(context, builder, sig.args[0], buf, o), _vt(K._I16, 32))
+        w = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 32)), _vt(_F32, 32))
+        x = _load(builder, _data_ptr(context, builder, sig.args[2], xf, xo), _vt(_F32, 32))
+        return _tree_sum(builder, builder.fmul(w, x), 32)
+
+    return sig, codegen
+
+
+def _emit_w32(builder, ptr, c, d, m, zq):
+    """float(q - zq)*d + m for the group at ptr, as <32 x float>."""
+    q = builder.zext(_emit_q32(builder, ptr, c), _vt(_I32, 32))
+    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
+    w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
+    return builder.fadd(w, _splat(builder, m, 32))
+
+
+def _switch_width(builder, c, emit, result_type):
+    """LLVM `switch` over the width code c (1..8): emit(builder, width) in each case, the
+    results merged by a phi (c outside 1..8 takes width 8's path; callers never pass it)."""
+    fn = builder.function
+    merge = fn.append_basic_block("qx_merge")
+    cases = [fn.append_basic_block(f"qx_w{w}") for w in range(1, 9)]
+    sw = builder.switch(builder.trunc(c, _I32), cases[7])
+    for w in range(1, 8):
+        sw.add_case(ir.Constant(_I32, w), cases[w - 1])
+    incoming = []
+    for w, bb in zip(range(1, 9), cases):
+        builder.position_at_end(bb)
+        v = emit(builder, w)
+        incoming.append((v, builder.block))
+        builder.branch(merge)
+    builder.position_at_end(merge)
+    if result_type is None:
+        return None
+    phi = builder.phi(result_type)
+    for v, bb in incoming:
+        phi.add_incoming(v, bb)
+    return phi
+
+
+@intrinsic
+def _deq_any(typingctx, buf, o, c, d, m, zq, out, i):
+    """out[i:i+32] = float(q - zq)*d + m for the group (width c = 1..8) at buf[o:]."""
+    sig = types.void(buf, types.int64, types.int64, types.float32, types.float32, types.int64,
+                     out, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, c, d, m, zq, out, i = args
+        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
+        dst = _data_ptr(context, builder, sig.args[6], out, i)
+
+        def emit(b, w):
+            _store(b, _emit_w32(b, ptr, w, d, m, zq), dst)
+            return None
+
+        _switch_width(builder, c, emit, None)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _fdot_any(typingctx, buf, o, c, d, m, zq, xf, xo):
+    """Tree sum over the group (width c = 1..8) of (float(q - zq)*d + m) * xf[xo + e]."""
+    sig = types.float32(buf, types.int64, types.int64, types.float32, types.float32,
+                        types.int64, xf, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, c, d, m, zq, xf, xo = args
+        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
+        x = _load(builder, _data_ptr(context, builder, sig.args[6], xf, xo), _vt(_F32, 32))
+
+        def emit(b, w):
+            return _tree_sum(b, b.fmul(_emit_w32(b, ptr, w, d, m, zq), x), 32)
+
+        return _switch_width(builder, c, emit, _F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _idot_any(typingctx, buf, o, c, xq, xo):
+    """sum over the group (width c = 1..8) of q_e * xq[xo + e], exact (int64)."""
+    sig = types.int64(buf, types.int64, types.int64, xq, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, c, xq, xo = args
+        v32 = _vt(_I32, 32)
+        v16 = _vt(K._I16, 32)
+        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
+        x = builder.sext(_load(builder, _data_ptr(context, builder, sig.args[3], xq, xo),
+                               _vt(_I8, 32)), v16)
+
+        def emit(b, w):
+            # |q * xq| <= 255 * 128 fits an i16: vpmullw, then pairs summed in i32
+            p = b.sext(b.mul(b.zext(_emit_q32(b, ptr, w), v16), x), v32)
+            n = 32
+            while n > 1:
+                n //= 2
+                p = b.add(b.shuffle_vector(p, p, _const_vec(_I32, range(n))),
+                          b.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
+            return b.extract_element(p, ir.Constant(_I32, 0))
+
+        return builder.sext(_switch_width(builder, c, emit, _I32), _I64)
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16x32(typingctx, buf, o, out, i):
+    """out[i:i+32] = the 32 fp16 values at buf[o:] (exact)."""
+    sig = types.void(buf, types.int64, out, types.int64)
+
+    def codegen(context, builder, sig, args):
+        buf, o, out, i = args
+        h = _load(builder, _data_ptr(context, builder, sig.args[0], buf, o), _vt(K._I16, 32))
+        w = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 32)), _vt(_F32, 32))
+        _store(builder, w, _data_ptr(context, builder, sig.args[2], out, i))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _h(typingctx, buf, o):
+    """The fp16 at buf[o:o+2] as float32 (exact)."""
+    def codegen(context, builder, sig, args):
+        return K._half_at(context, builder, sig, args, 0)
+    return types.float32(buf, types.int64), codegen
+
+
+@intrinsic
+def _h2(typingctx, buf, o):
+    """The two fp16 at buf[o:o+4] as float32s (one vector conversion)."""
+    sig = types.UniTuple(types.float32, 2)(buf, types.int64)
+
+    def codegen(context, builder, sig, args):
+        h = _load(builder, _data_ptr(context, builder, sig.args[0], args[0], args[1]),
+                  _vt(K._I16, 2))
+        f = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)), _vt(_F32, 2))
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.extract_element(f, ir.Constant(_I32, i))
+                                   for i in range(2)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _fill32(typingctx, out, i, v):
+    """out[i:i+32] = v."""
+    sig = types.void(out, types.int64, types.float32)
+
+    def codegen(context, builder, sig, args):
+        out, i, v = args
+        _store(builder, _splat(builder, v, 32), _data_ptr(context, builder, sig.args[0], out, i))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Board kernels (numba)
+
+@kernel
+def _count_kernel(buf, max_blocks, B):
+    """(whole blocks at the start of buf, their bytes); blocks = -1 - index of a bad header."""
+    o = 0
+    n = 0
+    size = buf.size
+    while n < max_blocks and o < size:
+        h = np.int64(buf[o])
+        c = h & 15
+        if c > 8 and c != RAW:
+            return -1 - n, o
+        if c == RAW and (h >> 4) != 0:
+            return -1 - n, o
+        s = _size(h, B)
+        if o + s > size:
+            break
+        o += s
+        n += 1
+    return n, o
+
+
+@kernel(inline="always")
+def _block_params(buf, o, B):
+    """(code, S, n_out, d, m, zq, offset of positions, offset of quants, size)."""
+    h = np.int64(buf[o])
+    c = h & 15
+    sym = (h >> 4) & 1
+    k = h >> 5
+    p = o + 1
+    d = np.float32(0.0)
+    m = np.float32(0.0)
+    if c == RAW:
+        return c, sym, np.int64(0), d, m, np.int64(0), p, p, 1 + 2 * B
+    if c > 0:
+        d = _h(buf, p)
+        p += 2
+    if sym == 0:
+        m = _h(buf, p)
+        p += 2
+    zq = np.int64(1) << (c - 1) if (sym == 1 and c > 0) else np.int64(0)
+    if sym == 1 and c > 0:
+        m = np.float32(-0.0)        # x + -0.0 == x bit for bit: the value is (q - z)*d
+    po = p
+    qo = p + 3 * k
+    return c, sym, k, d, m, zq, po, qo, qo + B * c // 8 - o
+
+
+@kernel
+def _dequantize_kernel(buf, n_blocks, B, out, i0):
+    """n_blocks blocks (headers already checked) from buf[0:] into out[i0:]; returns the
+    bytes read."""
+    o = 0
+    for b in range(n_blocks):
+        h = np.int64(buf[o])
+        c = h & 15
+        sym = (h >> 4) & 1
+        k = h >> 5
+        i = i0 + b * B
+        if c == RAW:
+            for g in range(B // G):
+                _f16x32(buf, o + 1 + 2 * G * g, out, i + G * g)
+            o += 1 + 2 * B
+            continue
+        p = o + 1
+        d = np.float32(0.0)
+        m = np.float32(0.0)
+        if c > 0:
+            d = _h(buf, p)
+            p += 2
+        if sym == 0:
+            m = _h(buf, p)
+            p += 2
+        zq = np.int64(0)
+        if sym == 1 and c > 0:
+            zq = np.int64(1) << (c - 1)
+            m = np.float32(-0.0)        # x + -0.0 == x bit for bit: the value is (q - z)*d
+        po = p
+        qo = p + 3 * k
+        for g in range(B // G):
+            if c == 0:
+                _fill32(out, i + G * g, m)
+            else:
+                _deq_any(buf, qo + 4 * c * g, c, d, m, zq, out, i + G * g)
+        for j in range(k):
+            out[i + (np.int64(buf[po + j]) & (B - 1))] = _h(buf, po + k + 2 * j)
+        o = qo + ((B * c) >> 3)
+    return o
+
+
+@kernel
+def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs, out):
+    """Returns 0, or -1 - k if block k's header is bad or it overruns buf."""
+    o = 0
+    size_buf = buf.size
+    ng = B // G
+    row = first_block // bpr
+    col = first_block - row * bpr
+    acc = out[row] if n_blocks > 0 else np.float32(0.0)   # out[row], kept in a register
+    for k in range(n_blocks):
+        if o >= size_buf:
+            out[row] = acc
+            return -1 - k
+        h = np.int64(_at(buf, o))
+        c = h & 15
+        sym = (h >> 4) & 1
+        n_out = h >> 5
+        x0 = col * B
+        t = np.float32(0.0)
+        if c == RAW:
+            if o + 1 + 2 * B > size_buf or (h >> 4) != 0:
+                return -1 - k
+            for g in range(ng):
+                t += _fdot_f16(buf, o + 1 + 2 * G * g, xf, x0 + G * g)
+            o += 1 + 2 * B
+        else:
+            if c > 8:
+                return -1 - k
+            p = o + 1
+            qo = p + (2 if c > 0 else 0) + (2 if sym == 0 else 0) + 3 * n_out
+            end = qo + ((B * c) >> 3)
+            if end > size_buf:
+                return -1 - k
+            if p + 4 <= size_buf:        # both fp16 fields at once (vcvtph2ps), no branches
+                f0, f1 = _h2(buf, p)
+                d = f0 if c > 0 else np.float32(0.0)
+                m = (f1 if c > 0 else f0) if sym == 0 else np.float32(0.0)
+            else:
+                d = _h(buf, p) if c > 0 else np.float32(0.0)
+                m = _h(buf, p + (2 if c > 0 else 0)) if sym == 0 else np.float32(0.0)
+            zq = np.int64(0)
+            if sym == 1 and c > 0:
+                zq = np.int64(1) << (c - 1)
+                m = np.float32(-0.0)
+            po = qo - 3 * n_out
+            if not int8_mode:
+                for g in range(ng):
+                    go = qo + 4 * c * g
+                    xo = x0 + G * g
+                    if c == 0:
+                        t += _fdot_const(m, xf, xo)
+                    elif go + 32 <= size_buf:
+                        t += _fdot_gen(buf, go, c, d, m, zq, xf, xo)
+                    else:
+                        t += _fdot_any(buf, go, c, d, m, zq, xf, xo)
+            else:
+                for g in range(ng):
+                    go = qo + 4 * c * g
+                    xo = x0 + G * g
+                    isum = np.int64(0)
+                    if c > 0:
+                        if go + 32 <= size_buf:
+                            isum = _idot_gen(buf, go, c, xq, xo)
+                        else:
+                            isum = _idot_any(buf, go, c, xq, xo)
+                    xsum = np.int64(_at(xs, xo >> 5))
+                    for j in range(n_out):       # outliers leave the integer sums
+                        pos = np.int64(buf[po + j]) & (B - 1)
+                        if (pos >> 5) == g:
+                            xv = np.int64(xq[x0 + pos])
+                            xsum -= xv
+                            if c > 0:
+                                e = pos & 31
+                                qv = np.int64(0)
+                                if c == 8:
+                                    qv = np.int64(buf[go + e])
+                                else:
+                                    off = go
+                                    sh = 0
+                                    if c & 4:
+                                        qv = (np.int64(buf[off + (e & 15)]) >> (4 * (e >> 4))) & 15
+                                        off += 16
+                                        sh = 4
+                                    if c & 2:
+                                        qv |= ((np.int64(buf[off + (e & 7)]) >> (2 * (e >> 3)))
+                                               & 3) << sh
+                                        off += 8
+                                        sh += 2
+                                    if c & 1:
+                                        qv |= ((np.int64(buf[off + (e & 3)]) >> (e >> 2)) & 1) << sh
+                                isum -= qv * xv
+                    if sym:
+                        t += _at(xd, xo >> 5) * (d * np.float32(isum - zq * xsum))
+                    else:
+                        t += _at(xd, xo >> 5) * (d * np.float32(isum) + m * np.float32(xsum))
+            for j in range(n_out):
+                pos = np.int64(buf[po + j]) & (B - 1)
+                val = _h(buf, po + n_out + 2 * j)
+                if not int8_mode:        # float mode: replace the grid value by the outlier's
+                    wq = m
+                    if c > 0:
+                        go = qo + 4 * c * (pos >> 5)
+                        e = pos & 31
+                        qv = np.int64(0)
+                        if c == 8:
+                            qv = np.int64(buf[go + e])
+                        else:
+                            off = go
+                            sh = 0
+                            if c & 4:
+                                qv = (np.int64(buf[off + (e & 15)]) >> (4 * (e >> 4))) & 15
+                                off += 16
+                                sh = 4
+                            if c & 2:
+                                qv |= ((np.int64(buf[off + (e & 7)]) >> (2 * (e >> 3))) & 3) << sh
+                                off += 8
+                                sh += 2
+                            if c & 1:
+                                qv |= ((np.int64(buf[off + (e & 3)]) >> (e >> 2)) & 1) << sh
+                        wq = np.float32(qv - zq) * d + m
+                    val = val - wq
+                t += val * xf[x0 + pos]
+            o = end
+        acc += t
+        col += 1
+        if col == bpr:
+            out[row] = acc
+            col = 0
+            row += 1
+            if k + 1 < n_blocks:
+                acc = out[row]
+    if n_blocks > 0 and col != 0:
+        out[row] = acc
+    return 0
+
+
+@kernel
+def _prepare_tail(x, xf, xq, xs, int8_mode):
+    n = x.size
+    for i in range(n):
+        xf[i] = x[i]
+    if int8_mode:
+        for b in range(n // G):
+            s = np.int64(0)
+            for j in range(G):
+                s += np.int64(xq[b * G + j])
+            xs[b] = np.float32(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizer (numba)
+
+@kernel(inline="always")
+def _params(c, sym, lo, hi, cover):
+    """The grid of width c (1..8 or 0) for non-outlier values in [lo, hi]: (d16 bits, m16 bits,
+    finite). Asymmetric: m = fp16(lo), d = (hi - m)/(2^c - 1) rounded up to fp16; symmetric
+    with `cover` (error bounds): the smaller |d| of the two orientations that cover [lo, hi],
+    rounded up; symmetric otherwise: d = fp16(vmax / -2^(c-1)) as ggml's Q4_0 (the value of
+    largest magnitude exact, the other end may clamp); c = 0: m = fp16 of the midrange
+    (asymmetric) or 0."""
+    zero = np.float32(0.0)
+    if c == 0:
+        if sym:
+            return np.int64(0), np.int64(0), True
+        hm0 = _f32_to_f16_bits((lo + hi) * np.float32(0.5))
+        return np.int64(0), hm0, bool(np.isfinite(_f16(hm0)))
+    qmax = (1 << c) - 1
+    if sym and not cover:
+        # least squares (target mode): ggml's Q4_0 grid, the largest |x| exactly on level 0
+        vmax = hi if hi >= -lo else lo
+        hd = _f32_to_f16_bits(vmax / np.float32(-(1 << (c - 1))))
+        return hd, np.int64(0), bool(np.isfinite(_f16(hd)))
+    if sym:
+        z = 1 << (c - 1)
+        pmax = max(hi, zero)
+        nmax = max(-lo, zero)
+        # d > 0: values (q - z)*d in [-z d, (z-1) d]; d < 0: in [-(z-1)|d|, z|d|]
+        inf = np.float32(np.inf)
+        da = max(nmax / np.float32(z), pmax / np.float32(z - 1) if z > 1 else
+                 (inf if pmax > zero else zero))
+        db = max(pmax / np.float32(z), nmax / np.float32(z - 1) if z > 1 else
+                 (inf if nmax > zero else zero))
+        dd = da if da <= db else -db
+        hd = _f16_up(dd)
+        return hd, np.int64(0), bool(np.isfinite(_f16(hd)))
+    hm = _f32_to_f16_bits(lo)
+    m = _f16(hm)
+    hd = _f16_up((hi - m) / np.float32(qmax))
+    return hd, hm, bool(np.isfinite(_f16(hd)) and np.isfinite(m))
+
+
+@kernel(inline="always")
+def _quant(v, c, sym, d, m, inv):
+    """(q, value) of v on the grid (c >= 1): nearest level, clamped."""
+    qmax = np.float32((1 << c) - 1)
+    if sym:
+        zf = np.float32(1 << (c - 1))
+        r = np.floor(v * inv + np.float32(0.5)) + zf
+        r = min(max(r, np.float32(0.0)), qmax)
+        return r, (r - zf) * d
+    r = np.floor((v - m) * inv + np.float32(0.5))
+    r = min(max(r, np.float32(0.0)), qmax)
+    return r, r * d + m
+
+
+@kernel(inline="always")
+def _err1(v, out_e, fe, c, sym, d, m, inv):
+    """Error (float64) of value v under a candidate: fe if it is an outlier."""
+    if out_e:
+        return fe
+    if c == 0:
+        return np.float64(m) - np.float64(v)
+    _, w = _quant(v, c, sym, d, m, inv)
+    return np.float64(w) - np.float64(v)
+
+
+@kernel(inline="always")
+def _ls_params(c, sym, s_w, s_q, s_qq, s_x, s_qx):
+    """Least-squares grid for fixed quants (target mode's refinement): minimise
+    sum w*(qq*d + m - x)^2 over the non-outliers (qq = q, or q - z with m = 0 for S = 1);
+    (d16, m16 bits, usable), fp16 rounded to nearest."""
+    if c == 0:
+        return np.int64(0), np.int64(0), False
+    if sym:
+        if not s_qq > 0.0:
+            return np.int64(0), np.int64(0), False
+        hd = _f32_to_f16_bits(np.float32(s_qx / s_qq))
+        return hd, np.int64(0), bool(np.isfinite(_f16(hd)))
+    det = s_w * s_qq - s_q * s_q
+    if not det > 0.0:
+        return np.int64(0), np.int64(0), False
+    hd = _f32_to_f16_bits(np.float32((s_w * s_qx - s_q * s_x) / det))
+    hm = _f32_to_f16_bits(np.float32((s_qq * s_x - s_q * s_qx) / det))
+    return hd, hm, bool(np.isfinite(_f16(hd)) and np.isfinite(_f16(hm)))
+
+
+@kernel
+def _solve(x, i0, B, c, sym, k, split, order_v, order_a, isout, q, cover):
+    """Choose the outliers and grid of one candidate encoding of block x[i0:i0+B]; fills
+    isout[:B] and q[:B]; returns (d16 bits, m16 bits, ok)."""
+    for e in range(B):
+        isout[e] = False
+        q[e] = 0
+    if c == RAW:
+        return np.int64(0), np.int64(0), True
+    if k > 0:
+        if sym:
+            for j in range(k):
+                isout[order_a[j]] = True
+        else:
+            for j in range(split):
+                isout[order_v[j]] = True
+            for j in range(k - split):
+                isout[order_v[B - 1 - j]] = True
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for e in range(B):
+        if not isout[e]:
+            v = x[i0 + e]
+            lo = min(lo, v)
+            hi = max(hi, v)
+    hd, hm, ok = _params(c, sym, lo, hi, cover)
+    if c == 0 or not ok:
+        return hd, hm, ok
+    d = _f16(hd)
+    m = _f16(hm)
+    inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+    for e in range(B):
+        r, _ = _quant(x[i0 + e], c, sym, d, m, inv)
+        q[e] = np.int64(r)
+    return hd, hm, ok
+
+
+@kernel(inline="always")
+def _cand_size(c, sym, k, B):
+    if c == RAW:
+        return 1 + 2 * B
+    return 1 + (2 if c > 0 else 0) + (2 if sym == 0 else 0) + 3 * k + B * c // 8
+
+
+@kernel(inline="always")
+def _sort_idx(v, idx, n):
+    """idx[:n] = argsort(v[:n]), stable (insertion sort: n <= 64, no allocation)."""
+    for i in range(n):
+        j = i
+        t = v[i]
+        while j > 0 and v[idx[j - 1]] > t:
+            idx[j] = idx[j - 1]
+            j -= 1
+        idx[j] = i
+
+
+@kernel(inline="always")
+def _splits(x, i0, B, order_v, kmax, split):
+    """For k = 0..kmax outliers of an asymmetric grid: how many come from the bottom (the
+    split that leaves the smallest range)."""
+    for k in range(kmax + 1):
+        best = np.inf
+        bi = 0
+        for i in range(k + 1):
+            r = np.float64(x[i0 + order_v[B - 1 - (k - i)]]) - np.float64(x[i0 + order_v[i]])
+            if r < best:
+                best = r
+                bi = i
+        split[k] = bi
+
+
+@kernel
+def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, bound_mode,
+             choice, hull_c, hull_b, hull_e, hull_n):
+    """Per block: bound mode -> choice[blk] = the chosen candidate; target mode -> the block's
+    lower convex hull of (bytes, sse) in hull_* (hull_n points). One loop body with scalar
+    helpers only (an array passed to a helper costs reference counting in the hot loop)."""
+    rows, cols = x.shape
+    bpr = cols // B
+    nc = cw.size
+    H = hull_c.shape[1]
+    xv = np.empty(B, np.float32)
+    av = np.empty(B, np.float32)
+    fe = np.empty(B, np.float64)
+    tol = np.empty(B, np.float64)
+    isout = np.zeros(B, np.bool_)
+    order_v = np.zeros(B, np.int64)
+    order_a = np.zeros(B, np.int64)
+    split = np.zeros(MAX_OUT + 1, np.int64)
+    sizes = np.empty(nc, np.int64)
+    sses = np.empty(nc, np.float64)
+    fits = np.zeros(nc, np.bool_)
+    nw = wlist.size
+    wd = np.zeros(nw, np.float32)
+    wm = np.zeros(nw, np.float32)
+    winv = np.zeros(nw, np.float32)
+    wok = np.zeros(nw, np.bool_)
+    wacc = np.zeros(nw, np.float64)
+    wacc2 = np.zeros(nw, np.float64)
+    wd2 = np.zeros(nw, np.float32)
+    wm2 = np.zeros(nw, np.float32)
+    winv2 = np.zeros(nw, np.float32)
+    wok2 = np.zeros(nw, np.bool_)
+    ls = np.zeros((nw, 5), np.float64)
+    refit = np.zeros(nc, np.bool_)
+    for ci in range(nc):
+        sizes[ci] = _cand_size(cw[ci], cs[ci], ck[ci], B)
+    by_size = np.argsort(sizes, kind="mergesort")
+    xf = x.reshape(-1)
+    for r in range(rows):
+        for cb in range(bpr):
+            blk = r * bpr + cb
+            i0 = r * cols + cb * B
+            io = cb * B
+            raw_sse = 0.0
+            raw_fit = True
+            for e in range(B):
+                v = xf[i0 + e]
+                xv[e] = v
+                av[e] = -np.abs(v)
+                fe[e] = np.float64(_f16(_f32_to_f16_bits(v))) - np.float64(v)
+                raw_sse += np.float64(imp[io + e]) * fe[e] * fe[e]
+                if bound_mode:
+                    tol[e] = max(tol_abs, tol_rel * max(np.abs(np.float64(v)), floor))
+                    if np.abs(fe[e]) > tol[e]:
+                        raw_fit = False
+            for (vals, idx) in ((xv, order_v), (av, order_a)):   # stable insertion sorts
+                for i in range(B):
+                    j = i
+                    t = vals[i]
+                    while j > 0 and vals[idx[j - 1]] > t:
+                        idx[j] = idx[j - 1]
+                        j -= 1
+                    idx[j] = i
+            for k in range(kmax + 1):     # asymmetric: outliers from the bottom / the top
+                best_r = np.inf
+                for i in range(k + 1):
+                    rr = (np.float64(xv[order_v[B - 1 - (k - i)]])
+                          - np.float64(xv[order_v[i]]))
+                    if rr < best_r:
+                        best_r = rr
+                        split[k] = i
+            sses[nc - 1] = raw_sse
+            fits[nc - 1] = raw_fit
+            best_size = sizes[nc - 1] if raw_fit else 1 << 30
+            for sym in (1, 0):
+                for k in range(kmax + 1):
+                    for e in range(B):
+                        isout[e] = False
+                    if sym:
+                        for j in range(k):
+                            isout[order_a[j]] = True
+                    else:
+                        for j in range(split[k]):
+                            isout[order_v[j]] = True
+                        for j in range(k - split[k]):
+                            isout[order_v[B - 1 - j]] = True
+                    lo = np.float32(np.inf)
+                    hi = np.float32(-np.inf)
+                    for e in range(B):
+                        if not isout[e]:
+                            lo = min(lo, xv[e])
+                            hi = max(hi, xv[e])
+                    if not bound_mode:
+                        # every width in one pass over the elements (independent sums), then
+                        # a least-squares refit of d (and m) for the quants found, kept if
+                        # it lowers the error
+                        for iw in range(nw):
+                            hd, hm, ok = _params(wlist[iw], sym, lo, hi, False)
+                            wok[iw] = ok
+                            wd[iw] = _f16(hd)
+                            wm[iw] = _f16(hm)
+                            winv[iw] = (np.float32(1.0) / wd[iw] if wd[iw] != np.float32(0.0)
+                                        else np.float32(0.0))
+                            wacc[iw] = 0.0
+                            wacc2[iw] = 0.0
+                            ls[iw, :] = 0.0
+                        o2 = 0.0
+                        for e in range(B):
+                            v = xv[e]
+                            ie = np.float64(imp[io + e])
+                            if isout[e]:
+                                o2 += ie * fe[e] * fe[e]
+                                continue
+                            v64 = np.float64(v)
+                            for iw in range(nw):
+                                c = wlist[iw]
+                                if c == 0:
+                                    er = np.float64(wm[iw]) - v64
+                                    wacc[iw] += ie * er * er
+                                    continue
+                                rq, w = _quant(v, c, sym, wd[iw], wm[iw], winv[iw])
+                                er = np.float64(w) - v64
+                                wacc[iw] += ie * er * er
+                                qq = np.float64(rq - np.float32(1 << (c - 1)) if sym else rq)
+                                ls[iw, 0] += ie
+                                ls[iw, 1] += ie * qq
+                                ls[iw, 2] += ie * qq * qq
+                                ls[iw, 3] += ie * v64
+                                ls[iw, 4] += ie * qq * v64
+                        any2 = False
+                        for iw in range(nw):
+                            hd2, hm2, ok2 = _ls_params(wlist[iw], sym, ls[iw, 0], ls[iw, 1],
+                                                       ls[iw, 2], ls[iw, 3], ls[iw, 4])
+                            wok2[iw] = ok2 and wok[iw]
+                            any2 = any2 or wok2[iw]
+                            wd2[iw] = _f16(hd2)
+                            wm2[iw] = _f16(hm2)
+                            winv2[iw] = (np.float32(1.0) / wd2[iw]
+                                         if wd2[iw] != np.float32(0.0) else np.float32(0.0))
+                        if any2:
+                            for e in range(B):
+                                if isout[e]:
+                                    continue
+                                v = xv[e]
+                                ie = np.float64(imp[io + e])
+                                for iw in range(nw):
+                                    if wok2[iw]:
+                                        _, w = _quant(v, wlist[iw], sym, wd2[iw], wm2[iw],
+                                                      winv2[iw])
+                                        er = np.float64(w) - np.float64(v)
+                                        wacc2[iw] += ie * er * er
+                        for iw in range(nw):
+                            ci = cidx[iw, sym, k]
+                            fits[ci] = False
+                            refit[ci] = False
+                            sses[ci] = np.inf
+                            if wok[iw] and np.isfinite(wacc[iw]):
+                                sses[ci] = wacc[iw] + o2
+                            if wok2[iw] and np.isfinite(wacc2[iw]) and \
+                                    wacc2[iw] + o2 < sses[ci]:
+                                sses[ci] = wacc2[iw] + o2
+                                refit[ci] = True
+                        continue
+                    for iw in range(nw):
+                        c = wlist[iw]
+                        ci = cidx[iw, sym, k]
+                        sses[ci] = np.inf
+                        fits[ci] = False
+                        if bound_mode and sizes[ci] > best_size:
+                            continue
+                        hd, hm, ok = _params(c, sym, lo, hi, True)
+                        if not ok:
+                            continue
+                        d = _f16(hd)
+                        m = _f16(hm)
+                        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+                        s0 = 0.0
+                        s1 = 0.0
+                        fit = True
+                        for e in range(0, B, 2):
+                            e0 = _err1(xv[e], isout[e], fe[e], c, sym, d, m, inv)
+                            e1 = _err1(xv[e + 1], isout[e + 1], fe[e + 1], c, sym, d, m, inv)
+                            s0 += np.float64(imp[io + e]) * e0 * e0
+                            s1 += np.float64(imp[io + e + 1]) * e1 * e1
+                            if bound_mode:
+                                if np.abs(e0) > tol[e] or np.abs(e1) > tol[e + 1]:
+                                    fit = False
+                                    break
+                        sse = s0 + s1
+                        if not np.isfinite(sse):
+                            continue
+                        sses[ci] = sse
+                        fits[ci] = fit
+                        if fit and sizes[ci] < best_size:
+                            best_size = sizes[ci]
+            if bound_mode:
+                best = nc - 1                      # the raw fp16 candidate (last)
+                best_sse = np.inf
+                for ci in range(nc):
+                    if fits[ci] and sizes[ci] == best_size and sses[ci] < best_sse:
+                        best = ci
+                        best_sse = sses[ci]
+                choice[blk] = 2 * best
+                continue
+            # lower convex hull over (size, sse), sizes ascending, sse strictly decreasing
+            n = 0
+            for t in range(nc):
+                ci = by_size[t]
+                s = sses[ci]
+                if not np.isfinite(s):
+                    continue
+                b = sizes[ci]
+                if n > 0 and s >= hull_e[blk, n - 1]:
+                    continue
+                if n > 0 and b == hull_b[blk, n - 1]:
+                    n -= 1                          # same size, smaller error
+                while n >= 2:
+                    b1, e1 = hull_b[blk, n - 1], hull_e[blk, n - 1]
+                    b0, e0 = hull_b[blk, n - 2], hull_e[blk, n - 2]
+                    # drop point n-1 if it lies on or above the segment (n-2) -> new point
+                    if (e0 - e1) * (b - b1) <= (e1 - s) * (b1 - b0):
+                        n -= 1
+                    else:
+                        break
+                if n < H:
+                    hull_c[blk, n] = 2 * ci + refit[ci]
+                    hull_b[blk, n] = b
+                    hull_e[blk, n] = s
+                    n += 1
+                else:
+                    hull_c[blk, H - 1] = 2 * ci + refit[ci]
+                    hull_b[blk, H - 1] = b
+                    hull_e[blk, H - 1] = s
+            hull_n[blk] = n
+
+
+@kernel
+def _fill(order, step_blk, step_j, step_bytes, level, budget):
+    """Take hull steps in `order` (best error saved per byte first) while they fit the budget
+    and each is the next step of its block; repeated until no step fits, so that every
+    block's next step is larger than what is left. Returns the bytes left."""
+    changed = True
+    while changed:
+        changed = False
+        for t in range(order.size):
+            s = order[t]
+            blk = step_blk[s]
+            if step_j[s] != level[blk] + 1:
+                continue
+            if step_bytes[s] <= budget:
+                budget -= step_bytes[s]
+                level[blk] += 1
+                changed = True
+    return budget
+
+
+@kernel
+def _emit(x, B, imp, choice, cw, cs, ck, kmax, out, offsets, table_bytes, cover):
+    """Write the chosen encodings (choice = 2 * candidate + least-squares refit) and the row
+    offsets; the same arithmetic as _analyze, so the bytes hold what was evaluated."""
+    rows, cols = x.shape
+    bpr = cols // B
+    xf = x.reshape(-1)
+    xv = np.empty(B, np.float32)
+    av = np.empty(B, np.float32)
+    isout = np.zeros(B, np.bool_)
+    q = np.zeros(B, np.int64)
+    split = np.zeros(MAX_OUT + 1, np.int64)
+    order_v = np.zeros(B, np.int64)
+    order_a = np.zeros(B, np.int64)
+    o = table_bytes
+    for r in range(rows):
+        offsets[r] = o
+        for cb in range(bpr):
+            blk = r * bpr + cb
+            i0 = r * cols + cb * B
+            ci = choice[blk] >> 1
+            c, sym, k = cw[ci], cs[ci], ck[ci]
+            for e in range(B):
+                xv[e] = xf[i0 + e]
+                av[e] = -np.abs(xf[i0 + e])
+            _sort_idx(xv, order_v, B)
+            _sort_idx(av, order_a, B)
+            _splits(xf, i0, B, order_v, kmax, split)
+            hd, hm, _ = _solve(xf, i0, B, c, sym, k, split[k], order_v, order_a, isout, q,
+                              cover)
+            if choice[blk] & 1:              # the least-squares refit (target mode)
+                io = cb * B
+                s_w = s_q = s_qq = s_x = s_qx = 0.0
+                for e in range(B):
+                    if isout[e]:
+                        continue
+                    ie = np.float64(imp[io + e])
+                    qq = np.float64(q[e] - (1 << (c - 1)) if sym else q[e])
+                    v64 = np.float64(xf[i0 + e])
+                    s_w += ie
+                    s_q += ie * qq
+                    s_qq += ie * qq * qq
+                    s_x += ie * v64
+                    s_qx += ie * qq * v64
+                hd, hm, _ = _ls_params(c, sym, s_w, s_q, s_qq, s_x, s_qx)
+                d2 = _f16(hd)
+                m2 = _f16(hm)
+                inv2 = np.float32(1.0) / d2 if d2 != np.float32(0.0) else np.float32(0.0)
+                for e in range(B):
+                    rq, _ = _quant(xf[i0 + e], c, sym, d2, m2, inv2)
+                    q[e] = np.int64(rq)
+            out[o] = c | (sym << 4) | (k << 5)
+            p = o + 1
+            if c == RAW:
+                for e in range(B):
+                    h = _f32_to_f16_bits(xf[i0 + e])
+                    out[p + 2 * e] = h & 0xFF
+                    out[p + 2 * e + 1] = h >> 8
+                o = p + 2 * B
+                continue
+            if c > 0:
+                out[p] = hd & 0xFF
+                out[p + 1] = hd >> 8
+                p += 2
+            if sym == 0:
+                out[p] = hm & 0xFF
+                out[p + 1] = hm >> 8
+                p += 2
+            j = 0
+            for e in range(B):
+                if isout[e]:
+                    h = _f32_to_f16_bits(xf[i0 + e])
+                    out[p + j] = e
+                    out[p + k + 2 * j] = h & 0xFF
+                    out[p + k + 2 * j + 1] = h >> 8
+                    j += 1
+            p += 3 * k
+            if c > 0:
+                for g in range(B // G):
+                    for e in range(G):
+                        _put_q(out, p + 4 * c * g, c, e, q[G * g + e])
+            o = p + B * c // 8
+    offsets[rows] = o
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: quantize, dequantize, board ops
+
+def _candidates(s: QXSettings):
+    kmax = s.max_outliers
+    cw, cs, ck = [], [], []
+    for c in (0,) + tuple(s.widths):
+        for sym in (1, 0):
+            for k in range(kmax + 1):
+                cw.append(c)
+                cs.append(sym)
+                ck.append(k)
+    cw.append(RAW)
+    cs.append(0)
+    ck.append(0)
+    wlist = np.array((0,) + tuple(s.widths), np.int64)
+    cidx = np.zeros((wlist.size, 2, kmax + 1), np.int64)   # (width index, S, k) -> candidate
+    for ci in range(len(cw) - 1):
+        cidx[list(wlist).index(cw[ci]), cs[ci], ck[ci]] = ci
+    return (np.array(cw, np.int64), np.array(cs, np.int64), np.array(ck, np.int64), cidx, wlist)
+
+
+def _as_settings(settings) -> QXSettings:
+    if settings is None:
+        return QXSettings()
+    if isinstance(settings, str):
+        return parse_options(settings)
+    return settings
+
+
+def quantize_rows(x, settings=None, importance=None) -> np.ndarray:
+    """float32 (rows, cols) -> the QX record payload (uint8): row-offset table, then the rows.
+
+    settings: QXSettings or an options string ("bpw=4.5", "err=0.01", "rel=0.05,bs=64", ...).
+    importance: optional float32[cols] >= 0 weighting each column's squared error."""
+    s = _as_settings(settings)
+    B = s.block_size
+    x = np.asarray(x)
+    if x.ndim != 2 or x.dtype != np.float32:
+        raise BadInput(f"QX quantize needs a 2-D float32 array, got {x.dtype} {x.shape}")
+    rows, cols = x.shape
+    if cols % B:
+        raise BadInput(f"QX:bs={B} needs rows that are a multiple of {B} elements, got {cols}")
+    x = np.ascontiguousarray(x)
+    from .quants import NonFiniteValue, first_non_finite
+    bad = first_non_finite(x)
+    if bad >= 0:
+        raise NonFiniteValue(bad, x.reshape(-1)[bad])
+    if x.size and np.abs(x).max() > 65504.0:
+        raise BadInput("QX stores fp16 scales and outliers: weights must be within +-65504")
+    if importance is None:
+        imp = np.ones(cols, np.float32)
+    else:
+        imp = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if imp.size != cols or not np.all(np.isfinite(imp)) or np.any(imp < 0):
+            raise BadInput(f"QX importance needs {cols} finite values >= 0")
+    cw, cs, ck, cidx, wlist = _candidates(s)
+    kmax = s.max_outliers
+    n_blocks = rows * (cols // B)
+    table = 4 * (rows + 1)
+    choice = np.zeros(n_blocks, np.int64)
+    if s.bpw is None:
+        floor = 0.0
+        if s.rel is not None and x.size:
+            floor = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+        _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, float(s.err or 0.0),
+                 float(s.rel or 0.0), floor, True, choice, np.zeros((1, 1), np.int16),
+                 np.zeros((1, 1), np.int16), np.zeros((1, 1), np.float32), np.zeros(1, np.int64))
+    elif n_blocks:
+        H = 24
+        hull_c = np.zeros((n_blocks, H), np.int16)     # compact: ~6 bytes a weight at B=32
+        hull_b = np.zeros((n_blocks, H), np.int16)
+        hull_e = np.zeros((n_blocks, H), np.float32)
+        hull_n = np.zeros(n_blocks, np.int64)
+        _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, 0.0, 0.0, 0.0, False, choice,
+                 hull_c, hull_b, hull_e, hull_n)
+        budget = int(np.floor(s.bpw * rows * cols / 8.0)) - table - int(hull_b[:, 0].sum())
+        j = np.arange(1, H)
+        valid = j[None, :] < hull_n[:, None]
+        db = (hull_b[:, 1:] - hull_b[:, :-1])[valid].astype(np.int64)
+        order = np.argsort(-((hull_e[:, :-1] - hull_e[:, 1:])[valid] / db), kind="stable")
+        step_blk = np.nonzero(valid)[0]
+        step_j = np.broadcast_to(j[None, :], valid.shape)[valid]
+        level = np.zeros(n_blocks, np.int64)
+        if budget > 0:
+            _fill(order, np.ascontiguousarray(step_blk), np.ascontiguousarray(step_j),
+                  np.ascontiguousarray(db), level, budget)
+        choice = hull_c[np.arange(n_blocks), level].astype(np.int64)
+    sizes = np.array([block_bytes(c, sy, k, B) for c, sy, k in zip(cw, cs, ck)], np.int64)
+    total = table + int(sizes[choice >> 1].sum())
+    out = np.zeros(total, np.uint8)
+    offsets = np.zeros(rows + 1, np.int64)
+    _emit(x, B, imp, choice, cw, cs, ck, kmax, out, offsets, table, s.bpw is None)
+    out[:table] = offsets.astype("<u4").view(np.uint8)
+    return out
+
+
+def row_offsets(payload: np.ndarray, n_rows: int) -> np.ndarray:
+    """The row-offset table of a payload, checked (BadInput if inconsistent)."""
+    table = 4 * (n_rows + 1)
+    if payload.size < table:
+        raise BadInput(f"QX payload of {payload.size} bytes is shorter than its row table "
+                       f"({table})")
+    off = payload[:table].view("<u4").astype(np.int64)
+    if off[0] != table or off[-1] != payload.size or np.any(np.diff(off) < 0):
+        raise BadInput("QX row-offset table is inconsistent "
+                       f"(first {off[0]}, last {off[-1]}, payload {payload.size})")
+    return off
+
+
+def dequantize_payload(payload, shape, block_size: int = 32) -> np.ndarray:
+    """A QX record payload -> float32 of `shape` (rows = all dims but the last)."""
+    B = block_size
+    raw = np.ascontiguousarray(np.asarray(payload, np.uint8).reshape(-1))
+    shape = tuple(int(s) for s in shape)
+    cols = shape[-1] if shape else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    if cols % B:
+        raise BadInput(f"QX:bs={B} rows must be a multiple of {B} elements, got {cols}")
+    off = row_offsets(raw, rows)
+    out = np.empty(rows * cols, np.float32)
+    bpr = cols // B
+    ro = K._readonly(raw)
+    for r in range(rows):
+        row = ro[off[r]:off[r + 1]]
+        n, used = _count_kernel(row, bpr, B)
+        if n < 0:
+            raise BadInput(f"QX row {r}: block {-1 - n} has a bad header")
+        if n != bpr or used != row.size:
+            raise BadInput(f"QX row {r}: {row.size} bytes hold {n} whole blocks "
+                           f"({used} bytes), expected {bpr} blocks")
+        _check_outliers(row, bpr, B, r)
+        _dequantize_kernel(row, bpr, B, out, r * cols)
+    return out.reshape(shape)
+
+
+def _check_outliers(row, n_blocks, B, r):
+    bad = _bad_outliers(row, n_blocks, B)
+    if bad >= 0:
+        raise BadInput(f"QX row {r}: block {bad} has outlier positions that are not strictly "
+                       f"increasing below {B}")
+
+
+@kernel
+def _bad_outliers(buf, n_blocks, B):
+    o = 0
+    for b in range(n_blocks):
+        c, sym, k, d, m, zq, po, qo, size = _block_params(buf, o, B)
+        prev = -1
+        for j in range(k):
+            p = np.int64(buf[po + j])
+            if p <= prev or p >= B:
+                return b
+            prev = p
+        o += size
+    return -1
+
+
+def count_blocks(buf, max_blocks: int, block_size: int = 32) -> tuple[int, int]:
+    """(whole blocks at the start of buf, their bytes), at most max_blocks (BadInput on a
+    header no QX block has)."""
+    b = K._readonly(np.ascontiguousarray(np.asarray(buf, np.uint8).reshape(-1)))
+    n, used = _count_kernel(b, int(max_blocks), block_size)
+    if n < 0:
+        raise BadInput(f"QX block {-1 - n} (byte {used}) has a bad header 0x{int(b[used]):02x}")
+    return int(n), int(used)
+
+
+def prepare_activation(int8_mode, x, xf, xq, xd, xs) -> None:
+    """xf[:n] = x; int8 mode also xq/xd as ggml's Q8_0 (kernels.prepare_activation) and
+    xs[b] = float32(sum of xq[32b:32b+32]) (exact)."""
+    n = len(x)
+    if n % G:
+        raise BadInput(f"prepare_activation QX: needs a multiple of {G} values, got {n}")
+    if len(xf) < n or (int8_mode and (len(xq) < n or len(xd) < n // G or len(xs) < n // G)):
+        raise BadInput(f"prepare_activation QX: {n} values need xf/xq of {n} and xd/xs of "
+                       f"{n // G}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
+    if int8_mode:
+        K.prepare_activation(K.T_Q8_0, True, x, xf, xq, xd, xs)
+    try:
+        _prepare_tail(K._readonly(x), xf, xq, xs, bool(int8_mode))
+    except TypeError:
+        raise K._bad_arrays("prepare_activation", x=x, xf=xf, xq=xq, xd=xd, xs=xs) from None
+
+
+def matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs, out,
+                  row_state=None, block_size: int = 32) -> None:
+    """out[row] += the dot of each of the n_blocks whole QX blocks in buf (global blocks
+    first_block ..., blocks_per_row a row) with the activation; row_state is not used (every
+    block is added on its own, so any split of a matrix into runs gives the same bits).
+
+    A block's dot t (float32) is, per 32-group in order: float mode, the fixed tree sum of
+    grid value * xf (outliers included at their grid value); int8 mode, xd*(d*I + m*X) or
+    xd*(d*(I - z*X)) with I, X the exact integer sums of q*xq and xq over the group's
+    non-outliers. Then each outlier adds (val - grid value)*xf (float mode) or val*xf (int8
+    mode); out[row] += t. Raw fp16 blocks: tree sums of value*xf in both modes.
+    """
+    B = block_size
+    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
+        raise BadInput(f"matvec QX: bad block range (n_blocks={n_blocks}, "
+                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
+    n_in = blocks_per_row * B
+    if len(xf) < n_in or (int8_mode and (len(xq) < n_in or len(xd) < n_in // G
+                                         or len(xs) < n_in // G)):
+        raise BadInput(f"matvec QX: rows of {n_in} need xf/xq of {n_in} and xd/xs of "
+                       f"{n_in // G}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
+    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
+        raise BadInput(f"matvec QX: blocks {first_block}..{first_block + n_blocks - 1} reach "
+                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
+                       f"{len(out)} rows")
+    try:
+        status = _matvec_kernel(bool(int8_mode), K._readonly(buf), n_blocks, first_block,
+                                blocks_per_row, B, K._readonly(xf), K._readonly(xq),
+                                K._readonly(xd), K._readonly(xs), out)
+    except TypeError:
+        raise K._bad_arrays("matvec", buf=buf, xf=xf, xq=xq, xd=xd, xs=xs, out=out) from None
+    if status:
+        raise BadInput(f"matvec QX: block {-1 - status} of the run has a bad header or does "
+                       f"not fit in the {len(buf)}-byte buffer")
+
+
+def dequantize_into(buf, out, block_size: int = 32) -> None:
+    """Whole QX blocks in buf -> float32 out[:n_blocks * B] (BadInput if buf does not end on
+    a block boundary)."""
+    B = block_size
+    b = K._readonly(np.ascontiguousarray(buf).reshape(-1))
+    n, used = _count_kernel(b, b.size, B)
+    if n < 0:
+        raise BadInput(f"dequantize_into QX: block {-1 - n} has a bad header")
+    if used != b.size:
+        raise BadInput(f"dequantize_into QX: {b.size} bytes are not whole blocks "
+                       f"({n} blocks, {used} bytes)")
+    if len(out) < n * B:
+        raise BadInput(f"dequantize_into QX: {n * B} values do not fit in out of {len(out)}")
+    _dequantize_kernel(b, n, B, out, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The type table entry
+
+def make_type(settings: QXSettings | None = None):
+    """The QX QuantType for these settings (same id and name for every variant)."""
+    from .quants import BoardOps, QuantType
+    s = settings or QXSettings()
+    B = s.block_size
+    ops = BoardOps(
+        prepare_activation,
+        lambda i8, buf, nb, fb, bpr, xf, xq, xd, xs, out, rs=None: matvec_blocks(
+            i8, buf, nb, fb, bpr, xf, xq, xd, xs, out, rs, block_size=B),
+        lambda buf, out: dequantize_into(buf, out, block_size=B),
+        lambda buf, mb: count_blocks(buf, mb, block_size=B))
+    return QuantType(
+        NAME, TYPE_ID, None, B, 0,
+        lambda x2d: quantize_rows(x2d, s),
+        lambda payload, shape: dequantize_payload(payload, shape, B),
+        ops=ops, fallback="F16", params=(B, 0), max_block_bytes=max_block_bytes(B),
+        configure=lambda options: make_type(parse_options(options, s)),
+        weighted=lambda x2d, importance: quantize_rows(x2d, s, importance=importance))

@@ -1,0 +1,529 @@
+"""QX (formats/qx.py): mixed per-block widths with sparse fp16 outliers, a variable-size type.
+
+The oracle is a plain numpy decoder written from the layout in docs/format.md ("QX blocks"),
+not from the kernels: it parses every block, and from it come the dequantized values, the
+float-mode and int8-mode dot products (float64), and the block sizes count_blocks must find.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formats import qx, quants
+from formats.errors import BadInput
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference decoder (docs/format.md)
+
+def f16(b: np.ndarray, o: int) -> np.float32:
+    return np.frombuffer(bytes(b[o:o + 2]), "<f2")[0].astype(F32)
+
+
+def decode_block(b: np.ndarray, o: int, B: int) -> dict:
+    h = int(b[o])
+    c, S, k = h & 15, (h >> 4) & 1, h >> 5
+    if c == 15:
+        vals = np.frombuffer(bytes(b[o + 1:o + 1 + 2 * B]), "<f2").astype(F32)
+        return dict(c=c, S=S, k=0, size=1 + 2 * B, raw=vals)
+    assert c <= 8, h
+    p = o + 1
+    d = m = F32(0)
+    if c > 0:
+        d = f16(b, p)
+        p += 2
+    if S == 0:
+        m = f16(b, p)
+        p += 2
+    pos = [int(v) for v in b[p:p + k]]
+    val = [f16(b, p + k + 2 * j) for j in range(k)]
+    p += 3 * k
+    q = np.zeros(B, np.int64)
+    for g in range(B // 32):
+        planes = b[p + 4 * c * g:p + 4 * c * (g + 1)].astype(np.int64)
+        for e in range(32):
+            if c == 8:
+                q[32 * g + e] = planes[e]
+                continue
+            off = shift = 0
+            for bits in (4, 2, 1):
+                if c & bits:
+                    nb = 4 * bits
+                    part = (planes[off + e % nb] >> (bits * (e // nb))) & ((1 << bits) - 1)
+                    q[32 * g + e] |= part << shift
+                    off += nb
+                    shift += bits
+    size = p + B * c // 8 - o
+    return dict(c=c, S=S, k=k, d=d, m=m, pos=pos, val=val, q=q, size=size)
+
+
+def block_values(blk: dict, B: int) -> np.ndarray:
+    if blk["c"] == 15:
+        return blk["raw"]
+    c, d, m = blk["c"], blk["d"], blk["m"]
+    if blk["S"]:
+        z = 1 << (c - 1) if c else 0
+        w = (blk["q"] - z).astype(F32) * d if c else np.zeros(B, F32)
+    else:
+        w = blk["q"].astype(F32) * d + m if c else np.full(B, m, F32)
+    w = w.astype(F32)
+    for p, v in zip(blk["pos"], blk["val"]):
+        w[p] = v
+    return w
+
+
+def decode_payload(payload: np.ndarray, rows: int, cols: int, B: int):
+    off = payload[:4 * (rows + 1)].view("<u4").astype(np.int64)
+    assert off[0] == 4 * (rows + 1) and off[-1] == payload.size
+    out = np.zeros((rows, cols), F32)
+    blocks = []
+    for r in range(rows):
+        o = int(off[r])
+        for cb in range(cols // B):
+            blk = decode_block(payload, o, B)
+            out[r, cb * B:(cb + 1) * B] = block_values(blk, B)
+            blocks.append(blk)
+            o += blk["size"]
+        assert o == off[r + 1], (r, o, off[r + 1])
+    return out, blocks
+
+
+def q8_0(x: np.ndarray):
+    """ggml's AVX2 quantize_row_q8_0: per 32, d = amax/127 (fp16), q = rint(x*127/amax)."""
+    xb = x.reshape(-1, 32)
+    amax = np.abs(xb).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, F32(127) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(F32)
+    q = np.clip(np.rint(xb * inv[:, None]), -128, 127).astype(np.int8).reshape(-1)
+    return q, (amax / F32(127)).astype(np.float16).astype(F32)
+
+
+def ref_dots(blocks, first, bpr, B, x, int8_mode):
+    """{row: (dot in float64, sum of |terms|)} for a run of decoded blocks."""
+    xq, xd = q8_0(x)
+    res = {}
+    for i, blk in enumerate(blocks):
+        g = first + i
+        row, x0 = g // bpr, (g % bpr) * B
+        xs = x[x0:x0 + B].astype(np.float64)
+        w = block_values(blk, B).astype(np.float64)
+        if not int8_mode or blk["c"] == 15:
+            terms = w * xs
+        else:
+            terms = []
+            outl = set(blk["pos"])
+            for sg in range(B // 32):
+                idx = [e for e in range(32 * sg, 32 * sg + 32) if e not in outl]
+                qx_ = xq[x0 + np.array(idx, int)].astype(np.int64) if idx else np.zeros(0, int)
+                qw = blk["q"][idx] if blk["c"] else np.zeros(len(idx), np.int64)
+                isum, xsum = int((qw * qx_).sum()), int(qx_.sum())
+                dd = float(xd[(x0 + 32 * sg) // 32])
+                if blk["S"]:
+                    z = (1 << (blk["c"] - 1)) if blk["c"] else 0
+                    terms.append(dd * float(blk["d"]) * (isum - z * xsum))
+                else:
+                    terms.append(dd * (float(blk["d"]) * isum + float(blk["m"]) * xsum))
+            for p, v in zip(blk["pos"], blk["val"]):
+                terms.append(float(v) * float(x[x0 + p]))
+            terms = np.array(terms)
+        s, a = res.get(row, (0.0, 0.0))
+        res[row] = (s + terms.sum(), a + np.abs(terms).sum())
+    return res
+
+
+def matrix(rng, rows, cols, scale=1.0, spikes=True):
+    w = (rng.standard_normal((rows, cols)) * scale).astype(F32)
+    if spikes and w.size >= 64:
+        idx = rng.choice(w.size, max(1, w.size // 50), replace=False)
+        w.reshape(-1)[idx] *= F32(12)
+    if rows > 1 and cols >= 32:
+        w[1, :32] = 0                                      # an all-zero block
+        if cols >= 64:
+            w[1, 32:64] = F32(0.25)                        # a constant block
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# The type table entry and options
+
+def test_table_entry_and_variants():
+    t = quants.by_name("QX")
+    assert (t.id, t.name, t.block_size, t.block_bytes, t.params) == (128, "QX", 32, 0, (32, 0))
+    assert t.variable and t.max_block_bytes == qx.max_block_bytes(32) == 65
+    assert quants.by_id(128) is t
+    v = quants.by_name("QX:bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
+    assert (v.id, v.name, v.block_size, v.params, v.max_block_bytes) == (128, "QX", 64, (64, 0),
+                                                                          129)
+    s = qx.parse_options("bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
+    assert s == qx.QXSettings(64, 3.5, None, None, (2, 3, 4, 5, 6, 8), 4)
+    assert qx.parse_options("err=0.01") == qx.QXSettings(err=0.01, bpw=None)
+    assert qx.parse_options("rel=0.05,outliers=0").rel == 0.05
+    assert qx.parse_options(s.options()) == s
+    # a variant's own variant keeps its settings
+    assert v.configure("bs=32").block_size == 32
+    for bad in ("bs=48", "bpw=-1", "widths=9", "outliers=8", "foo=1", "bpw=x", "3"):
+        with pytest.raises(BadInput):
+            quants.by_name("QX:" + bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip and the payload table
+
+@pytest.mark.parametrize("opts", ["bpw=4.5", "bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4",
+                                  "err=0.02", "rel=0.05,bs=64", "bpw=2,outliers=0",
+                                  "bpw=9,widths=8"])
+def test_round_trip_and_table(opts):
+    t = quants.by_name("QX:" + opts)
+    B = t.block_size
+    rng = np.random.default_rng(len(opts))
+    rows, cols = 5, 4 * 64
+    w = matrix(rng, rows, cols)
+    payload = t.quantize(w)
+    assert payload.dtype == np.uint8 and payload.ndim == 1
+    off = qx.row_offsets(payload, rows)
+    assert off[0] == 4 * (rows + 1) and off[-1] == payload.size
+    ref, blocks = decode_payload(payload, rows, cols, B)
+    got = t.dequantize(payload, (rows, cols))
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert np.all([blk["size"] <= t.max_block_bytes for blk in blocks])
+    # outliers: strictly increasing positions below B
+    for blk in blocks:
+        assert blk.get("pos", []) == sorted(set(blk.get("pos", []))) and \
+            all(p < B for p in blk.get("pos", []))
+    rms = np.sqrt(np.mean((got - w) ** 2))
+    assert rms < (0.5 if "bpw=2" in opts else 0.35) * np.sqrt(np.mean(w ** 2)), rms
+    # a 3-D shape: rows are all dims but the last
+    p3 = t.quantize(w.reshape(5, 1, cols))
+    np.testing.assert_array_equal(p3, payload)
+    assert t.dequantize(p3, (5, 1, cols)).shape == (5, 1, cols)
+
+
+def test_payload_checks():
+    t = quants.by_name("QX")
+    w = matrix(np.random.default_rng(1), 3, 64)
+    p = t.quantize(w)
+    for cut in (p[:-1], p[:10]):
+        with pytest.raises(BadInput):
+            t.dequantize(cut, (3, 64))
+    bad = p.copy()
+    bad[:4] = np.array([0, 0, 0, 0], np.uint8)
+    with pytest.raises(BadInput):
+        t.dequantize(bad, (3, 64))
+    with pytest.raises(BadInput):
+        t.quantize(np.ones((2, 48), F32))
+    x = w.copy()
+    x[2, 7] = np.nan
+    with pytest.raises(quants.NonFiniteValue):
+        t.quantize(x)
+    with pytest.raises(BadInput):
+        t.quantize(np.full((1, 32), 1e5, F32))
+    with pytest.raises(BadInput):
+        qx.quantize_rows(w, "bpw=4", importance=np.ones(63, F32))
+
+
+def test_quantize_from_f16_source():
+    t = quants.by_name("QX:err=0.01")
+    w = matrix(np.random.default_rng(2), 4, 96).astype(np.float16)
+    got = t.quantize_from(quants.by_name("F16"), w.tobytes(), 96)
+    np.testing.assert_array_equal(got, t.quantize(w.astype(F32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Error-bound mode
+
+def _tolerance(x, err, rel):
+    x = x.astype(np.float64)
+    if rel:
+        floor = np.sqrt(np.mean(x ** 2))
+        return rel * np.maximum(np.abs(x), floor)
+    return np.full(x.shape, err)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), nb=st.integers(1, 4), bs=st.sampled_from([32, 64]),
+       scale=st.sampled_from([1e-3, 0.1, 1.0, 30.0]), spikes=st.integers(0, 6),
+       bound=st.sampled_from([("err", 0.3), ("err", 0.02), ("err", 1e-3), ("rel", 0.05),
+                              ("rel", 0.01), ("rel", 0.2)]),
+       outliers=st.integers(0, 7), seed=st.integers(0, 2**32 - 1))
+def test_error_bound_holds_on_every_weight(rows, nb, bs, scale, spikes, bound, outliers, seed):
+    rng = np.random.default_rng(seed)
+    cols = nb * bs
+    x = (rng.standard_normal((rows, cols)) * scale).astype(F32)
+    for _ in range(spikes):                                  # sparse large outliers
+        x[rng.integers(rows), rng.integers(cols)] = F32(rng.choice([-1, 1]) * scale * 50)
+    kind, value = bound
+    value = value * scale if kind == "err" else value
+    s = qx.parse_options(f"bs={bs},{kind}={value!r},outliers={outliers}")
+    payload = qx.quantize_rows(x, s)
+    y = qx.dequantize_payload(payload, x.shape, bs)
+    err = np.abs(y.astype(np.float64) - x)
+    fp16_err = np.abs(x.astype(np.float16).astype(np.float64) - x)
+    tol = _tolerance(x, value if kind == "err" else 0, value if kind == "rel" else 0)
+    assert np.all(err <= np.maximum(tol, fp16_err)), (err - tol).max()
+
+
+def test_error_bound_takes_cheapest_width():
+    """A block that fits in few bits gets few bits; a tighter bound never gives fewer bytes."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((8, 256))).astype(F32)
+    sizes = [qx.quantize_rows(x, f"err={e}").size for e in (0.5, 0.1, 0.02, 0.004)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    # integers 0..3 are exact with 2 bits: every block 1 + 2 + 2 + 8 bytes at most
+    ints = rng.integers(0, 4, (2, 64)).astype(F32)
+    p = qx.quantize_rows(ints, "err=1e-6")
+    _, blocks = decode_payload(p, 2, 64, 32)
+    assert all(b["c"] <= 2 for b in blocks)
+    np.testing.assert_array_equal(qx.dequantize_payload(p, ints.shape), ints)
+
+
+def test_outliers_make_blocks_cheaper():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((4, 128)) * 0.1).astype(F32)
+    x[:, ::32] = 20.0                                        # one spike per block
+    with_o = qx.quantize_rows(x, "err=0.01")
+    without = qx.quantize_rows(x, "err=0.01,outliers=0")
+    assert with_o.size < without.size
+    _, blocks = decode_payload(with_o, 4, 128, 32)
+    assert all(b["k"] >= 1 for b in blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target-size mode
+
+@pytest.mark.parametrize("bs", [32, 64])
+@pytest.mark.parametrize("bpw", [1.5, 2.5, 3.0, 4.5, 6.0, 8.5])
+def test_target_size_met_within_one_block(bs, bpw):
+    rng = np.random.default_rng(int(bpw * 10) + bs)
+    rows, cols = 16, 512
+    x = matrix(rng, rows, cols)
+    p = qx.quantize_rows(x, f"bs={bs},bpw={bpw}")
+    target = int(np.floor(bpw * rows * cols / 8))
+    assert p.size <= target
+    assert target - p.size < qx.max_block_bytes(bs)
+
+
+def test_more_bits_less_error():
+    rng = np.random.default_rng(5)
+    x = matrix(rng, 8, 512)
+    errs = [np.mean((qx.dequantize_payload(qx.quantize_rows(x, f"bpw={b}"), x.shape) - x) ** 2)
+            for b in (2.0, 3.0, 4.5, 6.0)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05 * errs[0]
+
+
+def test_qx_beats_q4_0_on_spiky_weights_at_same_size():
+    rng = np.random.default_rng(6)
+    x = matrix(rng, 32, 512)
+    q4 = quants.by_name("Q4_0")
+    e4 = np.mean((q4.dequantize(q4.quantize(x), x.shape) - x) ** 2)
+    p = qx.quantize_rows(x, "bpw=4.5")
+    ex = np.mean((qx.dequantize_payload(p, x.shape) - x) ** 2)
+    assert ex < e4, (ex, e4)
+
+
+@pytest.mark.parametrize("mode", ["bpw=3", "err=0.05"])
+def test_importance_shifts_error_to_weighted_columns(mode):
+    rng = np.random.default_rng(7)
+    rows, cols = 16, 256
+    x = (rng.standard_normal((rows, cols))).astype(F32)
+    imp = np.ones(cols, F32)
+    imp[:128] = 100.0                                       # the first four blocks of a row
+    plain = qx.dequantize_payload(qx.quantize_rows(x, mode), x.shape)
+    weighted = qx.dequantize_payload(qx.quantize_rows(x, mode, importance=imp), x.shape)
+    via_table = quants.by_name("QX:" + mode).quantize_weighted(x, imp)
+    np.testing.assert_array_equal(via_table, qx.quantize_rows(x, mode, importance=imp))
+    e0 = ((plain - x) ** 2)
+    e1 = ((weighted - x) ** 2)
+    if mode.startswith("bpw"):
+        assert e1[:, :128].mean() < 0.7 * e0[:, :128].mean()
+        assert e1[:, 128:].mean() > e0[:, 128:].mean()
+    else:                                                   # the bound still holds everywhere
+        assert np.abs(weighted - x).max() <= 0.05
+        assert (e1 * imp).sum() <= (e0 * imp).sum() * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# count_blocks
+
+@pytest.mark.parametrize("bs", [32, 64])
+def test_count_blocks_on_every_cut(bs):
+    rng = np.random.default_rng(8)
+    rows, cols = 3, 4 * bs
+    x = matrix(rng, rows, cols)
+    x[0, :bs] = (rng.standard_normal(bs) * 1e-4).astype(F32)
+    t = quants.by_name(f"QX:bs={bs},err=0.003")
+    p = t.quantize(x)
+    body = p[4 * (rows + 1):]
+    _, blocks = decode_payload(p, rows, cols, bs)
+    ends = np.cumsum([b["size"] for b in blocks])
+    assert ends[-1] == body.size
+    for cut in range(body.size + 1):
+        n_whole = int(np.searchsorted(ends, cut, side="right"))
+        used = int(ends[n_whole - 1]) if n_whole else 0
+        assert t.count_blocks(body[:cut], 10**6) == (n_whole, used), cut
+        for mb in (0, 1, 2):
+            k = min(mb, n_whole)
+            assert t.count_blocks(body[:cut], mb) == (k, int(ends[k - 1]) if k else 0)
+    with pytest.raises(BadInput):
+        t.count_blocks(np.array([9, 0, 0], np.uint8), 5)        # width code 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Board kernels against the reference
+
+def _acts(x, int8_mode):
+    n = x.size
+    xf, xq = np.full(n + 3, 7, F32), np.full(n + 3, 5, np.int8)
+    xd, xs = np.full(n // 32 + 2, 7, F32), np.full(n // 32 + 2, 7, F32)
+    qx.prepare_activation(int8_mode, x, xf, xq, xd, xs)
+    return xf, xq, xd, xs
+
+
+@pytest.mark.parametrize("int8_mode", [False, True])
+def test_prepare_activation(int8_mode):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(128).astype(F32)
+    x[:32] = 0
+    xf, xq, xd, xs = _acts(x, int8_mode)
+    np.testing.assert_array_equal(xf[:128], x)
+    if int8_mode:
+        q, d = q8_0(x)
+        np.testing.assert_array_equal(xq[:128], q)
+        np.testing.assert_array_equal(xd[:4], d)
+        np.testing.assert_array_equal(xs[:4], q.reshape(4, 32).astype(np.int64).sum(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(int8_mode=st.booleans(), bs=st.sampled_from([32, 64]), rows=st.integers(1, 5),
+       bpr=st.integers(1, 5), opts=st.sampled_from(["bpw=4.5", "bpw=2", "err=0.01",
+                                                     "err=0.3", "bpw=12", "rel=0.01"]),
+       xscale=st.sampled_from([1.0, 1e-3, 300.0]), seed=st.integers(0, 2**32 - 1),
+       data=st.data())
+def test_matvec_matches_reference(int8_mode, bs, rows, bpr, opts, xscale, seed, data):
+    rng = np.random.default_rng(seed)
+    cols = bpr * bs
+    t = quants.by_name(f"QX:bs={bs},{opts}")
+    w = matrix(rng, rows, cols)
+    payload = t.quantize(w)
+    body = np.ascontiguousarray(payload[4 * (rows + 1):])
+    _, blocks = decode_payload(payload, rows, cols, bs)
+    ends = np.concatenate([[0], np.cumsum([b["size"] for b in blocks])])
+    x = (rng.standard_normal(cols) * xscale).astype(F32)
+    xf, xq, xd, xs = _acts(x, int8_mode)
+    total = rows * bpr
+    first = data.draw(st.integers(0, total - 1))
+    n = data.draw(st.integers(1, total - first))
+    out0 = rng.standard_normal(rows).astype(F32)
+    out = out0.copy()
+    t.matvec_blocks(int8_mode, body[ends[first]:ends[first + n]], n, first, bpr, xf, xq, xd, xs,
+                    out)
+    ref = ref_dots(blocks[first:first + n], first, bpr, bs, x, int8_mode)
+    for r in range(rows):
+        s, a = ref.get(r, (0.0, 0.0))
+        want = float(out0[r]) + s
+        assert abs(float(out[r]) - want) <= 2e-6 * (a + abs(float(out0[r]))) + 1e-30, (r, out[r],
+                                                                                    want)
+    # any split of the run into pieces gives the same bits
+    whole = out0.copy()
+    t.matvec_blocks(int8_mode, body[ends[0]:ends[total]], total, 0, bpr, xf, xq, xd, xs, whole)
+    pieces = out0.copy()
+    g = 0
+    while g < total:
+        k = int(rng.integers(1, total - g + 1))
+        t.matvec_blocks(int8_mode, body[ends[g]:ends[g + k]], k, g, bpr, xf, xq, xd, xs, pieces)
+        g += k
+    np.testing.assert_array_equal(pieces.view(np.uint32), whole.view(np.uint32))
+
+
+def test_matvec_float_mode_is_dequantized_dot():
+    """Float mode: the dot of the dequantized block with xf (fp32 sums, so close to float64)."""
+    rng = np.random.default_rng(10)
+    rows, cols = 16, 256
+    w = matrix(rng, rows, cols)
+    t = quants.by_name("QX:bpw=4.5")
+    p = t.quantize(w)
+    x = rng.standard_normal(cols).astype(F32)
+    xf, xq, xd, xs = _acts(x, False)
+    out = np.zeros(rows, F32)
+    t.matvec_blocks(False, p[4 * (rows + 1):], rows * cols // 32, 0, cols // 32, xf, xq, xd, xs,
+                    out)
+    deq = t.dequantize(p, (rows, cols)).astype(np.float64)
+    np.testing.assert_allclose(out, deq @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_matvec_validates():
+    t = quants.by_name("QX")
+    rng = np.random.default_rng(11)
+    p = t.quantize(matrix(rng, 2, 64))
+    body = p[12:]
+    xf, xq, xd, xs = _acts(rng.standard_normal(64).astype(F32), True)
+    out = np.zeros(2, F32)
+    with pytest.raises(BadInput):                   # more blocks than the buffer holds
+        t.matvec_blocks(True, body[:-1], 4, 0, 2, xf, xq, xd, xs, out)
+    with pytest.raises(BadInput):                   # rows beyond out
+        t.matvec_blocks(True, body, 4, 0, 2, xf, xq, xd, xs, out[:1])
+    with pytest.raises(BadInput):                   # activation too short
+        t.matvec_blocks(False, body, 4, 0, 2, xf[:32], xq, xd, xs, out)
+    with pytest.raises(BadInput):
+        t.matvec_blocks(False, np.array([0x0B, 0, 0, 0], np.uint8), 1, 0, 2, xf, xq, xd, xs, out)
+
+
+@pytest.mark.parametrize("bs", [32, 64])
+def test_dequantize_into_matches_table(bs):
+    rng = np.random.default_rng(12)
+    t = quants.by_name(f"QX:bs={bs},bpw=3.5")
+    rows, cols = 4, 256
+    w = matrix(rng, rows, cols)
+    p = t.quantize(w)
+    want = t.dequantize(p, (rows, cols)).reshape(-1)
+    body = p[4 * (rows + 1):]
+    out = np.full(rows * cols + 5, 9, F32)
+    t.dequantize_into(body, out)
+    np.testing.assert_array_equal(out[:rows * cols].view(np.uint32), want.view(np.uint32))
+    assert np.all(out[rows * cols:] == 9)
+    ro = body.copy()
+    ro.flags.writeable = False
+    n, used = t.count_blocks(ro, 3)
+    t.dequantize_into(ro[:used], out)
+    np.testing.assert_array_equal(out[:3 * bs], want[:3 * bs])
+    with pytest.raises(BadInput):
+        t.dequantize_into(body[:used - 1], out)
+    with pytest.raises(BadInput):
+        t.dequantize_into(body, out[:10])
+
+
+def test_target_below_the_smallest_encoding_gives_the_smallest():
+    x = matrix(np.random.default_rng(13), 4, 128)
+    p = qx.quantize_rows(x, "bpw=0.01")
+    _, blocks = decode_payload(p, 4, 128, 32)
+    assert all(b["size"] == 1 for b in blocks)           # S = 1, c = 0: an all-zero block
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=0, max_size=400), bs=st.sampled_from([32, 64]),
+       int8_mode=st.booleans())
+def test_garbage_bytes_never_crash(data, bs, int8_mode):
+    """Arbitrary bytes: count_blocks, matvec_blocks and dequantize_into either work or raise
+    BadInput (bounds are checked from the headers, never trusted)."""
+    t = quants.by_name(f"QX:bs={bs}")
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        n, used = t.count_blocks(buf, 10**6)
+    except BadInput:
+        return
+    assert 0 <= used <= buf.size
+    bpr = 2
+    x = np.linspace(-1, 1, bpr * bs).astype(F32)
+    xf, xq, xd, xs = _acts(x, int8_mode)
+    out = np.zeros(n // bpr + 1, F32)
+    t.matvec_blocks(int8_mode, buf[:used], n, 0, bpr, xf, xq, xd, xs, out)
+    deq = np.zeros(n * bs, F32)
+    t.dequantize_into(buf[:used], deq)
+    with pytest.raises(BadInput):
+        if used < buf.size:
+            t.dequantize_into(buf, np.zeros(n * bs + 2 * bs, F32))
+        else:
+            raise BadInput("nothing left over")
