@@ -217,6 +217,9 @@ def cmd_bench(args):
     elif args.what == "link":
         from .bench_link import format_table, run
         rows = run()
+    elif args.what == "types":
+        from .bench_types import format_table, run
+        rows = run(repeat=args.repeat)
     else:
         from .bench_run import format_table, run
         rows = run(repeat=args.repeat, **({"quants": (args.quant,)} if args.quant else {}))
@@ -434,11 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    s.add_argument("what", choices=["quantize", "convert", "run", "sequence", "link"],
+    s.add_argument("what", choices=["quantize", "convert", "run", "sequence", "link", "types"],
                    help="quantize: kernels vs gguf-py; convert: checkpoint -> stream vs the bare "
                         "quantizer, and peak memory; run: simulated-board tokens/s vs a dense "
                         "numpy forward; sequence: serial vs sequence vs batch passes; link: "
-                        "serial-link efficiency and throughput through a pacing relay")
+                        "serial-link efficiency and throughput through a pacing relay; types: "
+                        "k-quants and QX next to Q4_0 (kernels and simulator)")
     s.add_argument("--size", type=int, default=4096, help="matrix is SIZE x SIZE")
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--quant", metavar="TYPE", help="bench run: only this type (default F16, "

@@ -1,12 +1,16 @@
-"""QX next to Q4_0: size, error, quantize/dequantize speed and the board's dot kernels.
+"""`rwkv-stream bench types`: the k-quants and QX next to Q4_0, in one run.
 
-Everything runs in one process on the same float32 matrix (standard normal, with 1 % of the
-weights scaled by 12 so that outliers matter), one thread, best of `repeat` runs. MB/s is of
-float32 values (4 bytes per weight), as in `rwkv-stream bench quantize`; the dot kernels are
-ns per weight for one full matvec over the matrix (`matvec_blocks` over all blocks, the
-activation prepared once), in float and int8 mode, with QX/Q4_0 as a ratio.
+Part 1, kernels: the same float32 matrix (standard normal, with 1 % of the weights scaled by 12
+so that outliers matter), one thread, best of `repeat` runs. MB/s is of float32 values (4 bytes
+per weight), as in `bench quantize`; the dot kernels are ns per weight for one full matvec over
+the matrix (`matvec_blocks` over all blocks, the activation prepared once), in float and int8
+mode, with the ratio to Q4_0.
 
-    python -m host.bench_qx [--rows R] [--cols C] [--repeat N] [QX options ...]
+Part 2, simulator: a synthetic RWKV-4 (n_embd 512, 4 layers, vocabulary 4096, every matrix
+including the head in the type) written as a stream file per type, then ms per token on the
+board in int8 and float mode.
+
+    python -m host.bench_types [--rows R] [--cols C] [--repeat N] [TYPE ...]
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 
 from formats import quants, qx
 
-DEFAULT_VARIANTS = ("bpw=4.5", "bs=64,bpw=4.5", "bpw=3.5", "err=0.05")
+DEFAULT_TYPES = ("Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "QX:bpw=4.5",
+                 "QX:bs=64,bpw=4.5", "QX:bpw=3.5", "QX:err=0.05")
 
 
 def _best(fn, repeat: int) -> float:
@@ -43,7 +48,8 @@ def _matvec_ns(t, body, rows, cols, x, repeat, int8_mode):
     return _best(run, repeat) / (rows * cols) * 1e9, out.copy()
 
 
-def run(rows: int = 1024, cols: int = 4096, repeat: int = 3, variants=DEFAULT_VARIANTS):
+def run(rows: int = 1024, cols: int = 4096, repeat: int = 3, types=DEFAULT_TYPES,
+        simulator: bool = True):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
     spikes = rng.choice(w.size, w.size // 100, replace=False)
@@ -52,7 +58,8 @@ def run(rows: int = 1024, cols: int = 4096, repeat: int = 3, variants=DEFAULT_VA
     mb = w.nbytes / 1e6
     exact = w.astype(np.float64) @ x.astype(np.float64)
     results = []
-    for name in ("Q4_0",) + tuple("QX:" + v for v in variants):
+    types = ("Q4_0",) + tuple(t for t in types if t != "Q4_0")
+    for name in types:
         t = quants.by_name(name)
         t.dequantize(t.quantize(w[:2, :256]), (2, 256))              # compile / load the cache
         tq = _best(lambda: t.quantize(w), 1 if t.variable else repeat)
@@ -73,7 +80,46 @@ def run(rows: int = 1024, cols: int = 4096, repeat: int = 3, variants=DEFAULT_VA
     for r in results:
         r["float_ratio"] = r["float_ns"] / base["float_ns"]
         r["int8_ratio"] = r["int8_ns"] / base["int8_ns"]
+    if simulator:
+        for r, sim in zip(results, _simulator(types, repeat)):
+            r.update(sim)
     return results
+
+
+def _simulator(types, repeat: int):
+    import os
+    import tempfile
+
+    from firmware_sim.board import Board
+    from firmware_sim.sources import FileSource
+    from formats.arch import RwkvVersion
+
+    from .model import Model
+    from .plan import make_plan
+    from .stream import VirtualStream
+    from .stream.writer import write_stream
+    from .synth import SyntheticCheckpoint, synth_hparams
+    model = Model(SyntheticCheckpoint(synth_hparams(RwkvVersion.V4, 512, 4, 4096), seed=2))
+    tokens = [1, 50, 300, 7, 4000, 12]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in types:
+            path = os.path.join(tmp, "m.rwks")
+            with open(path, "wb") as f:
+                write_stream(VirtualStream(model, make_plan(model, name, ["head.weight=" + name])),
+                             f)
+            row = dict(stream_bytes=os.path.getsize(path))
+            for mode in ("int8", "float"):
+                board = Board(FileSource(path), mode=mode, chunk=16384)
+                board.eval(tokens[0])                       # warm-up, CRCs checked once
+                best = _best(lambda: [board.eval(t) for t in tokens], repeat)
+                row[f"{mode}_ms_token"] = best / len(tokens) * 1e3
+                board.close()
+            out.append(row)
+    base = out[0]
+    for r in out:
+        r["sim_int8_ratio"] = r["int8_ms_token"] / base["int8_ms_token"]
+    return out
 
 
 def format_table(rows) -> str:
@@ -86,6 +132,12 @@ def format_table(rows) -> str:
                      f"{r['int8_ns']:>9.3f} {r['int8_ratio']:>6.2f}x")
     lines.append("(MB/s of float32 values; ns per weight of one matvec; one thread; "
                  "QX quantize timed once)")
+    if rows and "int8_ms_token" in rows[0]:
+        lines += ["", f"{'simulator: v4 512x4, vocab 4096':<34} {'stream bytes':>12} "
+                      f"{'int8 ms/token':>13} {'x Q4_0':>7} {'float ms/token':>14}"]
+        for r in rows:
+            lines.append(f"{r['type']:<34} {r['stream_bytes']:>12,} {r['int8_ms_token']:>13.2f} "
+                         f"{r['sim_int8_ratio']:>6.2f}x {r['float_ms_token']:>14.2f}")
     return "\n".join(lines)
 
 
@@ -94,10 +146,10 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS),
-                    help="QX options, e.g. bpw=4.5 'bs=64,bpw=3.5' err=0.05")
+    ap.add_argument("types", nargs="*", default=list(DEFAULT_TYPES),
+                    help="types, e.g. Q4_K 'QX:bs=64,bpw=3.5' QX:err=0.05")
     a = ap.parse_args(argv)
-    print(format_table(run(a.rows, a.cols, a.repeat, a.variants)))
+    print(format_table(run(a.rows, a.cols, a.repeat, a.types)))
 
 
 if __name__ == "__main__":
