@@ -154,7 +154,7 @@ def cmd_sweep(args):
         from .sweep import need_matplotlib
         need_matplotlib()               # before minutes of work, not after
     result = sweep(args.model, args.text, joined, tokenizer=args.tokenizer, limit=args.limit,
-                   columns=args.seq, importance=args.imatrix,
+                   columns=args.seq, importance=args.imatrix, calib_text=args.calib_text,
                    progress=lambda s: print(f"  {s}", file=sys.stderr) if not args.json else None)
     if args.plot:
         plot(result, args.plot)
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="use only the first N tokens")
     s.add_argument("--tokenizer", help="bytes, world, or a tokenizer.json path")
     s.add_argument("--imatrix", metavar="FILE.npz", help="importance from calibrate")
+    s.add_argument("--calib-text", metavar="FILE",
+                   help="auto settings: KL-scaled sensitivity over this text")
     _add_json(s)
     s.set_defaults(func=cmd_sweep)
 

@@ -19,6 +19,7 @@ from .stream import VirtualStream
 
 SETTINGS = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K",
             "QX:bpw=6", "QX:bpw=5", "QX:bpw=4.5", "QX:bpw=4", "QX:bpw=3.5", "QX:bpw=3",
+            "QX:bs=64,bpw=4.5", "QX:bs=64,bpw=3.5",
             "auto:6", "auto:5", "auto:4.5", "auto:4", "auto:3.5")
 
 
@@ -31,7 +32,7 @@ def family(setting: str) -> str:
 
 
 def sweep(model_path, text, settings=SETTINGS, *, tokenizer=None, limit=None,
-          columns=DEFAULT_COLUMNS, importance=None, progress=None) -> dict:
+          columns=DEFAULT_COLUMNS, importance=None, calib_text=None, progress=None) -> dict:
     model = load_model(model_path)
     tokens, tok = _tokens(text, model.hparams.n_vocab, tokenizer, limit)
     f32 = make_plan(model, "F32")
@@ -41,7 +42,8 @@ def sweep(model_path, text, settings=SETTINGS, *, tokenizer=None, limit=None,
     rows = []
     for setting in settings:
         try:
-            plan = make_plan(model, setting, importance=importance)
+            plan = make_plan(model, setting, importance=importance,
+                             calib_text=calib_text if setting.startswith("auto") else None)
         except (BadInput, UsageError) as e:
             rows.append(dict(setting=setting, family=family(setting), skipped=e.message))
             continue
@@ -57,6 +59,8 @@ def sweep(model_path, text, settings=SETTINGS, *, tokenizer=None, limit=None,
         if progress:
             progress(setting)
     return dict(model=str(model_path), text=str(text), tokens=len(tokens),
+                imatrix=None if importance is None or isinstance(importance, dict)
+                else str(importance), calib_text=None if calib_text is None else str(calib_text),
                 f32_bits_per_byte=round(compare(ref, tokens, None, tok)["bits_per_byte"], 5),
                 quantized_weights=n_weights, rows=rows)
 
