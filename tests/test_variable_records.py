@@ -269,3 +269,38 @@ def test_qx_payload_damage_behind_a_good_crc_is_caught(qx_stream, tmp_path_facto
     # the board walks the blocks, not the row table: it may accept a stream whose table alone
     # is damaged, but never one whose blocks do not decode
     assert board_ok or not structurally_ok
+
+
+@pytest.mark.parametrize("quant", ["QX", "QX:bs=64,bpw=3.5", "QX:err=0.02"])
+@pytest.mark.parametrize("model_name", ["5v2-730K", "7v0-834K"])
+def test_qx_round_trip_through_stream_and_board(model_name, quant, tmp_path):
+    """A fixture in QX: the stream holds exactly the quantizer's payloads, validates deep, and
+    the board (float mode, any chunk) matches the float64 reference forward on the dequantized
+    weights; int8 mode stays close to float mode."""
+    m = load_model(fp32_model(model_name))
+    plan = make_plan(m, quant, ["head.weight=" + quant])
+    path = tmp_path / "qx.rwks"
+    with open(path, "wb") as f:
+        write_stream(VirtualStream(m, plan), f)
+    assert validate(path, deep=True)["ok"]
+    sf = StreamFile(path)
+    weights = {}
+    for r in sf.walk():
+        if r.kind != S.RecordKind.TENSOR:
+            continue
+        data = sf.tensor_data(r)
+        if r.qtype.variable:
+            assert bytes(data) == bytes(plan[r.name].quantize(m[r.name].values())), r.name
+        weights[r.name] = r.qtype.dequantize(data, r.shape).astype(np.float64)
+    sf.close()
+    want = ReferenceRWKV(weights, m.version.label).run(list(PROMPT))[0][-1]
+    for chunk in (160, 65536):
+        board = Board(BytesSource(path.read_bytes()), chunk=chunk)
+        for t in PROMPT:
+            got = board.eval(t)
+        assert np.all(np.abs(got - want) <= 1e-5 * np.maximum(1, np.abs(want))), \
+            (chunk, np.abs(got - want).max())
+    int8 = Board(BytesSource(path.read_bytes()), mode="int8")
+    for t in PROMPT:
+        got8 = int8.eval(t)
+    assert np.abs(got8 - want).max() <= 0.05 * np.abs(want).max()
