@@ -44,3 +44,39 @@ def test_sampled_demo_draws_what_run_draws_with_the_same_seed():
                                 "Q5_1", "--json", *args, check_status=0).stdout)
     greedy = _demo(model, n=20)
     assert r["text"] == direct["text"] and r["text"] != greedy["text"]
+
+
+HELDOUT_WINDOWS, HELDOUT_BPB_TORCH = 16, 1.655946   # host/data/README.md (tools/train.py --eval)
+
+
+def test_bundled_model_matches_its_recorded_heldout_bits_per_byte(tmp_path):
+    """The simulator, reading the bundled .pth with the project's reader, predicts the first 16
+    held-out windows as well as torch did when the figure was recorded (tools/train.py
+    --eval --eval-windows 16): each window of 129 bytes from a fresh state, its last 128 bytes
+    predicted."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO
+    from host.quality import run_logits
+    from host.run_cmd import open_source
+    if sys.version.split()[0] != "3.11.7":
+        pytest.skip("the held-out text is built from this interpreter's stdlib docstrings; it "
+                    "was recorded with Python 3.11.7")
+    subprocess.run([sys.executable, "-I", str(REPO / "tools" / "corpus.py"), "--out",
+                    str(tmp_path / "train.txt"), "--heldout-out", str(tmp_path / "held.txt")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    held = (tmp_path / "held.txt").read_bytes()
+    assert len(held) == 63844                          # the README's corpus
+    model = sorted(DATA.glob("*.pth"))[0]
+    nll = []
+    for w in range(HELDOUT_WINDOWS):
+        window = list(held[128 * w:128 * w + 129])
+        logits = run_logits(open_source(model), window[:-1], "float", 64).astype(np.float64)
+        z = logits - logits.max(axis=1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll.extend(-lp[np.arange(128), window[1:]])
+    bpb = float(np.mean(nll) / np.log(2))
+    assert abs(bpb - HELDOUT_BPB_TORCH) < 1e-4, bpb

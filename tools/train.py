@@ -236,6 +236,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Train the bundled tiny RWKV v5.2 byte model.")
     ap.add_argument("--out", default="host/data/demo-rwkv-5v2-925k.pth")
     ap.add_argument("--eval", metavar="PTH", help="only print the held-out bits per byte of PTH")
+    ap.add_argument("--eval-windows", type=int, metavar="N",
+                    help="with --eval: only the first N windows of the held-out text (the "
+                         "figure host/data/README.md records for the test suite)")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--head-size", type=int, default=32)
@@ -259,7 +262,9 @@ def main(argv=None):
           flush=True)
     if a.eval:
         sd = torch.load(a.eval, map_location="cpu", weights_only=True)
-        print(f"held-out bits per byte: {bits_per_byte(sd, held, a.ctx):.4f}")
+        if a.eval_windows:
+            held = held[:a.eval_windows * a.ctx + 1]
+        print(f"held-out bits per byte: {bits_per_byte(sd, held, a.ctx):.6f}")
         return
 
     p = init_params(a.n_layer, a.n_embd, a.head_size, a.ffn_dim, seed=a.seed)
