@@ -80,3 +80,26 @@ def test_bundled_model_matches_its_recorded_heldout_bits_per_byte(tmp_path):
         nll.extend(-lp[np.arange(128), window[1:]])
     bpb = float(np.mean(nll) / np.log(2))
     assert abs(bpb - HELDOUT_BPB_TORCH) < 1e-4, bpb
+
+
+def test_readme_command_lines_parse():
+    """Every `rwkv-stream ...` line in the README's code blocks is a valid command line."""
+    import re
+    import shlex
+
+    from conftest import REPO
+    from host.cli import build_parser
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("rwkv-stream "):
+                    lines.append(part)
+    assert len(lines) >= 15
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])     # exits (SystemExit) if invalid
+        assert args.func, line
