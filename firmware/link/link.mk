@@ -14,7 +14,7 @@ LINK_DEPS  := $(wildcard link/*.h link/stub/*.h core/*.h port/*.h) link/link.mk
 
 # POSIX board: build/board_host --port PTY_PATH|socket://HOST:PORT [--flash FILE] ...
 HOST_CC     ?= cc
-HOST_CFLAGS ?= -std=c99 -O2 -g -Wall -Wextra -D_DEFAULT_SOURCE
+HOST_CFLAGS ?= -std=c99 -O2 -g -Wall -Wextra -ffp-contract=off -D_DEFAULT_SOURCE
 build/board_host: $(LINK_SRC) $(LINK_CORE_SRC) port/host/port_host.c $(LINK_DEPS)
 	@mkdir -p $(@D)
 	$(HOST_CC) $(HOST_CFLAGS) $(LINK_INC) $(LINK_SRC) $(LINK_CORE_SRC) port/host/port_host.c -o $@ -lm
@@ -23,7 +23,7 @@ board-host: build/board_host
 # QEMU mps2-an385 (Cortex-M3): build/qemu/fw.elf
 ARM_CC     ?= arm-none-eabi-gcc
 ARM_SIZE   ?= arm-none-eabi-size
-ARM_CFLAGS ?= -std=c99 -O2 -g -Wall -mcpu=cortex-m3 -mthumb --specs=picolibc.specs \
+ARM_CFLAGS ?= -std=c99 -O2 -g -Wall -Wextra -ffp-contract=off -mcpu=cortex-m3 -mthumb --specs=picolibc.specs \
               -ffunction-sections -fdata-sections \
               -DRS_LINK_MAX_PAYLOAD=2048 -DRS_LINK_MAX_WINDOW=8 -DRS_STATE_SAVE_MAX=262144
 MPS2_SRC   := port/mps2-an385/startup.c port/mps2-an385/port_mps2.c

@@ -37,11 +37,19 @@ static uint64_t model_size;
 static uint32_t tokens;
 static const float *logits;
 static uint8_t state_save[RS_STATE_SAVE_MAX];
+static int core_failed;                 /* a pass failed: the core must be opened again, and
+                                           state_save holds the state from before that EVAL */
 rs_app_stats app_stats;
 
 /* -- live ------------------------------------------------------------------------------------ */
+#ifndef RS_LIVE_HEAD_CACHE
+#define RS_LIVE_HEAD_CACHE 2048
+#endif
 static uint8_t live_buf[RS_LINK_MAX_WINDOW][RS_LINK_MAX_PAYLOAD];
-static struct { uint64_t size, limit, next_req, last_end; int failed; } live;
+static struct { uint64_t size, limit, next_req, last_end; int failed; uint32_t head_len; } live;
+/* The stream's header, kept: the core looks up a record's plan entry in it between records,
+ * and answering those from here keeps the READs of a pass sequential (read-ahead intact). */
+static uint8_t live_head[RS_LIVE_HEAD_CACHE];
 
 /* -- small helpers --------------------------------------------------------------------------- */
 static char *put_str(char *o, const char *s) { while (*s) *o++ = *s++; *o = 0; return o; }
@@ -106,6 +114,10 @@ static int live_read(void *ctx, uint32_t offset, uint8_t *dst, uint32_t n) {
     (void)ctx;
     if (live.failed) return -1;
     if ((uint64_t)offset + n > live.size) { live.failed = E_BAD_STREAM; return -1; }
+    if ((uint64_t)offset + n <= live.head_len) {
+        memcpy(dst, live_head + offset, n);
+        return 0;
+    }
     int sequential = offset == live.last_end;
     rs_req *first = link_fifo_count() ? link_fifo_at(0) : 0;
     if (first && first->off <= offset && offset < live.next_req) {
@@ -273,7 +285,8 @@ static int load(rs_source *src, int kind, uint32_t key, uint64_t size) {
     uint8_t *state;
     size_t sb = same ? lc_state(&state) : 0;
     if (sb > sizeof state_save) same = 0, sb = 0;
-    if (same) memcpy(state_save, state, sb);
+    if (same && !core_failed) memcpy(state_save, state, sb);
+    core_failed = 0;
     uint32_t kept = tokens;
     model_src = SRC_NONE;
     logits = 0;
@@ -310,11 +323,17 @@ static int do_live(const uint8_t *p, uint32_t n) {
     live.next_req = 0;
     live.last_end = (uint64_t)-1;
     live.failed = 0;
+    live.head_len = 0;
     link_fifo_clear();
-    uint8_t head[112];
-    if (live.size < 112 || live_read(0, 0, head, 112))
+    if (live.size < 112 || live_read(0, 0, live_head, 112))
         return live.failed ? fail(live.failed, "reading the header") : fail(E_BAD_STREAM, "too short");
-    return load(&live_source, SRC_LIVE, rs_crc32(0, head, 112), live.size);
+    uint32_t key = rs_crc32(0, live_head, 112), hs = ld32(live_head + 8);
+    if (hs > sizeof live_head) hs = sizeof live_head;
+    if (hs > live.size) hs = (uint32_t)live.size;
+    if (hs > 112 && live_read(0, 112, live_head + 112, hs - 112))
+        return fail(live.failed, "reading the header");
+    live.head_len = hs;
+    return load(&live_source, SRC_LIVE, key, live.size);
 }
 
 static int do_run_flash(void) {
@@ -355,6 +374,16 @@ static int do_eval(const uint8_t *p, uint32_t n) {
     uint8_t *state;
     size_t sb = lc_state(&state);
     int saved = sb <= sizeof state_save;
+    if (core_failed) {                  /* the last EVAL failed mid-pass: open the core again */
+        live.failed = 0;
+        int rc = lc_init(model_src == SRC_LIVE ? &live_source : &flash_source, P.arena,
+                         P.arena_size, P.chunk);
+        if (model_src == SRC_LIVE && live.failed) rc = live.failed;
+        if (rc) return fail(rc, "opening the stream again");
+        sb = lc_state(&state);
+        if (saved) memcpy(state, state_save, sb);
+        core_failed = 0;
+    }
     if (saved) memcpy(state_save, state, sb);
     uint32_t tokens0 = tokens, ngot = 0;
     uint64_t t0 = port_ns();
@@ -371,6 +400,7 @@ static int do_eval(const uint8_t *p, uint32_t n) {
     }
     if (rc) {
         if (saved) memcpy(state, state_save, sb);
+        core_failed = 1;                /* the core refuses further passes until opened again */
         tokens = tokens0;
         logits = 0;
         link_fifo_clear();
@@ -410,6 +440,11 @@ static int do_logits(const uint8_t *p, uint32_t n) {
 static int do_reset(void) {
     if (!model_src) return fail(E_NO_MODEL, "");
     lc_reset();
+    if (core_failed) {                  /* the next EVAL reopens the core with this state */
+        uint8_t *state;
+        size_t sb = lc_state(&state);
+        if (sb <= sizeof state_save) memcpy(state_save, state, sb);
+    }
     tokens = 0;
     logits = 0;
     rep_len = 0;
@@ -448,6 +483,10 @@ static void on_request(const rs_frame *f) {
             link_send(OP_WORKING, RS_FLAG_REPLY, f->seq, 0, 0);
         else
             link_send_error(f->seq, E_BUSY, "");
+        return;
+    }
+    if (f->n > P.max_payload) {                     /* COBS can carry a little more */
+        link_send_error(f->seq, E_BAD_REQUEST, "payload exceeds max_payload");
         return;
     }
     busy_key = k;
