@@ -102,6 +102,9 @@ def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
                       _u(fixed, "emb_row_bytes"), _u(fixed, "tokenizer", "<B"))
 
 
+XIP_RUN = 4 << 20
+
+
 class Board:
     """A simulated board: RAM budget, chunk buffer, recurrent state, and a stream source."""
 
@@ -269,7 +272,10 @@ class Board:
         if q.variable:
             yield from self._variable_blocks(q, n_blocks)
             return
-        per = len(self.chunk) // q.block_bytes
+        # In place (XIP) nothing is copied, so runs need not stop at the chunk's size: a run
+        # up to XIP_RUN bytes is one kernel call (the output is the same however a matrix is
+        # split: the kernels carry a cut row across runs)
+        per = (max(len(self.chunk), XIP_RUN) if self.xip else len(self.chunk)) // q.block_bytes
         while n_blocks:
             nb = min(per, n_blocks)
             if self.xip:
