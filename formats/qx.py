@@ -60,6 +60,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import kernels as K
@@ -248,98 +249,6 @@ def _emit_q32(builder, ptr, c):
     return q
 
 
-def _emit_q32_any(builder, ptr, c):
-    """_emit_q32 for a run-time width c (i64, 1..8) without branches: the planes are loaded at
-    their run-time offsets and masked in or out. Reads 32 bytes from ptr whatever c is (the
-    caller makes sure they are inside the buffer)."""
-    v16, v32 = _vt(_I8, 16), _vt(_I8, 32)
-    c8 = builder.trunc(c, _I8)
-
-    def splat8(x):
-        return _splat(builder, x, 32)
-
-    def bit(b):
-        return builder.icmp_unsigned("!=", builder.and_(c8, ir.Constant(_I8, b)),
-                                     ir.Constant(_I8, 0))
-
-    zero8 = ir.Constant(_I8, 0)
-    has4, has2, has1 = bit(4), bit(2), bit(1)
-    is8 = builder.icmp_unsigned("==", c8, ir.Constant(_I8, 8))
-    whole = _load(builder, ptr, v32)                                   # c == 8: the bytes
-    nib = builder.shuffle_vector(whole, whole, _const_vec(_I32, range(16)))
-    q = _concat(builder, [builder.and_(nib, _const_vec(_I8, [15] * 16)),
-                          builder.lshr(nib, _const_vec(_I8, [4] * 16))])
-    q = builder.and_(q, splat8(builder.select(has4, ir.Constant(_I8, 0xFF), zero8)))
-    o2 = builder.select(has4, ir.Constant(_I64, 16), ir.Constant(_I64, 0))
-    two = _load(builder, builder.gep(ptr, [o2]), _vt(_I8, 8))
-    mask2 = _const_vec(_I8, [3] * 8)
-    segs = [builder.and_(two if s_ == 0 else builder.lshr(two, _const_vec(_I8, [2 * s_] * 8)),
-                         mask2) for s_ in range(4)]
-    p2 = builder.shl(_concat(builder, segs),
-                     splat8(builder.select(has4, ir.Constant(_I8, 4), zero8)))
-    q = builder.or_(q, builder.and_(p2, splat8(builder.select(has2, ir.Constant(_I8, 0xFF),
-                                                              zero8))))
-    o1 = builder.add(o2, builder.select(has2, ir.Constant(_I64, 8), ir.Constant(_I64, 0)))
-    one = _load(builder, builder.gep(ptr, [o1]), _vt(_I8, 4))
-    rep = builder.shuffle_vector(one, one, _const_vec(_I32, [e % 4 for e in range(32)]))
-    b1 = builder.icmp_unsigned("!=", builder.and_(rep, _const_vec(_I8, [1 << (e // 4)
-                                                                         for e in range(32)])),
-                               _const_vec(_I8, [0] * 32))
-    s1 = builder.and_(c8, ir.Constant(_I8, 6))
-    p1 = builder.select(b1, splat8(builder.shl(ir.Constant(_I8, 1), s1)), _const_vec(_I8, [0] * 32))
-    q = builder.or_(q, builder.and_(p1, splat8(builder.select(has1, ir.Constant(_I8, 0xFF),
-                                                              zero8))))
-    return builder.select(is8, whole, q)
-
-
-def _emit_w32_any(builder, ptr, c, d, m, zq):
-    q = builder.zext(_emit_q32_any(builder, ptr, c), _vt(_I32, 32))
-    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
-    w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
-    return builder.fadd(w, _splat(builder, m, 32))
-
-
-@intrinsic
-def _fdot_gen(typingctx, buf, o, c, d, m, zq, xf, xo):
-    """_fdot_any without branches (reads 32 bytes at buf[o:])."""
-    sig = types.float32(buf, types.int64, types.int64, types.float32, types.float32,
-                        types.int64, xf, types.int64)
-
-    def codegen(context, builder, sig, args):
-        buf, o, c, d, m, zq, xf, xo = args
-        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
-        x = _load(builder, _data_ptr(context, builder, sig.args[6], xf, xo), _vt(_F32, 32))
-        return _tree_sum(builder, builder.fmul(_emit_w32_any(builder, ptr, c, d, m, zq), x), 32)
-
-    return sig, codegen
-
-
-@intrinsic
-def _idot_gen(typingctx, buf, o, c, xq, xo):
-    """_idot_any without branches (reads 32 bytes at buf[o:])."""
-    sig = types.int64(buf, types.int64, types.int64, xq, types.int64)
-
-    def codegen(context, builder, sig, args):
-        buf, o, c, xq, xo = args
-        v32 = _vt(_I32, 32)
-        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
-        x = builder.sext(_load(builder, _data_ptr(context, builder, sig.args[3], xq, xo),
-                               _vt(_I8, 32)), v32)
-        p = builder.mul(builder.zext(_emit_q32_any(builder, ptr, c), v32), x)
-        for n in (16, 8):           # adjacent pairs twice: the shape of pmaddubsw/pmaddwd
-            even = builder.shuffle_vector(p, p, _const_vec(_I32, range(0, 2 * n, 2)))
-            odd = builder.shuffle_vector(p, p, _const_vec(_I32, range(1, 2 * n, 2)))
-            p = builder.add(even, odd)
-        n = 8
-        while n > 1:
-            n //= 2
-            p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(n))),
-                            builder.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
-        return builder.sext(builder.extract_element(p, ir.Constant(_I32, 0)), _I64)
-
-    return sig, codegen
-
-
 @intrinsic
 def _fdot_const(typingctx, v, xf, xo):
     """Tree sum of v * xf[xo:xo+32]."""
@@ -370,10 +279,7 @@ def _fdot_f16(typingctx, buf, o, xf, xo):
 
 def _emit_w32(builder, ptr, c, d, m, zq):
     """float(q - zq)*d + m for the group at ptr, as <32 x float>."""
-    q = builder.zext(_emit_q32(builder, ptr, c), _vt(_I32, 32))
-    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
-    w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
-    return builder.fadd(w, _splat(builder, m, 32))
+    return _emit_wq(builder, _emit_q32(builder, ptr, c), d, m, zq)
 
 
 def _switch_width(builder, c, emit, result_type):
@@ -422,53 +328,6 @@ def _deq_any(typingctx, buf, o, c, d, m, zq, out, i):
 
 
 @intrinsic
-def _fdot_any(typingctx, buf, o, c, d, m, zq, xf, xo):
-    """Tree sum over the group (width c = 1..8) of (float(q - zq)*d + m) * xf[xo + e]."""
-    sig = types.float32(buf, types.int64, types.int64, types.float32, types.float32,
-                        types.int64, xf, types.int64)
-
-    def codegen(context, builder, sig, args):
-        buf, o, c, d, m, zq, xf, xo = args
-        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
-        x = _load(builder, _data_ptr(context, builder, sig.args[6], xf, xo), _vt(_F32, 32))
-
-        def emit(b, w):
-            return _tree_sum(b, b.fmul(_emit_w32(b, ptr, w, d, m, zq), x), 32)
-
-        return _switch_width(builder, c, emit, _F32)
-
-    return sig, codegen
-
-
-@intrinsic
-def _idot_any(typingctx, buf, o, c, xq, xo):
-    """sum over the group (width c = 1..8) of q_e * xq[xo + e], exact (int64)."""
-    sig = types.int64(buf, types.int64, types.int64, xq, types.int64)
-
-    def codegen(context, builder, sig, args):
-        buf, o, c, xq, xo = args
-        v32 = _vt(_I32, 32)
-        v16 = _vt(K._I16, 32)
-        ptr = _data_ptr(context, builder, sig.args[0], buf, o)
-        x = builder.sext(_load(builder, _data_ptr(context, builder, sig.args[3], xq, xo),
-                               _vt(_I8, 32)), v16)
-
-        def emit(b, w):
-            # |q * xq| <= 255 * 128 fits an i16: vpmullw, then pairs summed in i32
-            p = b.sext(b.mul(b.zext(_emit_q32(b, ptr, w), v16), x), v32)
-            n = 32
-            while n > 1:
-                n //= 2
-                p = b.add(b.shuffle_vector(p, p, _const_vec(_I32, range(n))),
-                          b.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
-            return b.extract_element(p, ir.Constant(_I32, 0))
-
-        return builder.sext(_switch_width(builder, c, emit, _I32), _I64)
-
-    return sig, codegen
-
-
-@intrinsic
 def _f16x32(typingctx, buf, o, out, i):
     """out[i:i+32] = the 32 fp16 values at buf[o:] (exact)."""
     sig = types.void(buf, types.int64, out, types.int64)
@@ -492,22 +351,6 @@ def _h(typingctx, buf, o):
 
 
 @intrinsic
-def _h2(typingctx, buf, o):
-    """The two fp16 at buf[o:o+4] as float32s (one vector conversion)."""
-    sig = types.UniTuple(types.float32, 2)(buf, types.int64)
-
-    def codegen(context, builder, sig, args):
-        h = _load(builder, _data_ptr(context, builder, sig.args[0], args[0], args[1]),
-                  _vt(K._I16, 2))
-        f = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)), _vt(_F32, 2))
-        return context.make_tuple(builder, sig.return_type,
-                                  [builder.extract_element(f, ir.Constant(_I32, i))
-                                   for i in range(2)])
-
-    return sig, codegen
-
-
-@intrinsic
 def _fill32(typingctx, out, i, v):
     """out[i:i+32] = v."""
     sig = types.void(out, types.int64, types.float32)
@@ -515,6 +358,158 @@ def _fill32(typingctx, out, i, v):
     def codegen(context, builder, sig, args):
         out, i, v = args
         _store(builder, _splat(builder, v, 32), _data_ptr(context, builder, sig.args[0], out, i))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _run_header(context, builder, sig, buf, offs, x0s, lst, base, i, w):
+    """For entry i of a block list: (block offset, x0, S flag (i1), d, m, zq (i64), offset of
+    the quants) of a block of width w (1..8): d and m loaded at once (m = -0.0 if S = 1)."""
+    bt, ot, xt, lt = sig.args[:4]
+    kb = builder.sext(builder.load(_data_ptr(context, builder, lt, lst, builder.add(base, i))),
+                      _I64)
+    o = builder.load(_data_ptr(context, builder, ot, offs, kb))
+    x0 = builder.load(_data_ptr(context, builder, xt, x0s, kb))
+    hdr = builder.zext(builder.load(_data_ptr(context, builder, bt, buf, o)), _I64)
+    is_sym = builder.icmp_unsigned("!=", builder.and_(hdr, ir.Constant(_I64, 16)),
+                                   ir.Constant(_I64, 0))
+    n_out = builder.lshr(hdr, ir.Constant(_I64, 5))
+    h = _load(builder, _data_ptr(context, builder, bt, buf, builder.add(o, ir.Constant(_I64, 1))),
+              _vt(K._I16, 2))
+    f = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)), _vt(_F32, 2))
+    d = builder.extract_element(f, ir.Constant(_I32, 0))
+    m = builder.select(is_sym, ir.Constant(_F32, -0.0),
+                       builder.extract_element(f, ir.Constant(_I32, 1)))
+    zq = builder.select(is_sym, ir.Constant(_I64, 1 << (w - 1)), ir.Constant(_I64, 0))
+    qo = builder.add(builder.add(o, builder.select(is_sym, ir.Constant(_I64, 3),
+                                                   ir.Constant(_I64, 5))),
+                     builder.mul(n_out, ir.Constant(_I64, 3)))
+    return kb, o, x0, is_sym, d, m, zq, qo
+
+
+def _width_runs(builder, c, B, emit):
+    """emit(builder, width, groups) for the run-time width c (1..8) and block size B (32/64):
+    one switch outside the caller's loop, so the loop body is straight-line code."""
+    is64 = builder.icmp_signed("==", B, ir.Constant(_I64, 64))
+    with builder.if_else(is64) as (two, one):
+        with two:
+            _switch_width(builder, c, lambda b, w: emit(b, w, 2), None)
+        with one:
+            _switch_width(builder, c, lambda b, w: emit(b, w, 1), None)
+
+
+@intrinsic
+def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, xf, tout, qb, dm):
+    """Float mode, blocks lst[base:base+n] (indices into offs/x0s/tout), all of width c
+    (1..8): tout[kb] = 0 + the tree sums of the grid values times xf, group by group;
+    qb[B*kb:B*kb+B] = the quants, dm[2*kb], dm[2*kb+1] = d, m."""
+    sig = types.void(buf, offs, x0s, lst, types.int64, types.int64, types.int64, types.int64,
+                     xf, tout, qb, dm)
+
+    def codegen(context, builder, sig, args):
+        buf, offs, x0s, lst, base, n, B, c, xf, tout, qb, dm = args
+        xft, tt, qbt, dmt = sig.args[8:]
+
+        def emit(b, w, ng):
+            with cgutils.for_range(b, n) as loop:
+                kb, o, x0, is_sym, d, m, zq, qo = _run_header(context, b, sig, buf, offs, x0s,
+                                                              lst, base, loop.index, w)
+                _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, None)
+                t = ir.Constant(_F32, 0.0)
+                for g in range(ng):
+                    ptr = _data_ptr(context, b, sig.args[0], buf,
+                                    b.add(qo, ir.Constant(_I64, 4 * w * g)))
+                    x = _load(b, _data_ptr(context, b, xft, xf,
+                                           b.add(x0, ir.Constant(_I64, G * g))), _vt(_F32, 32))
+                    q = _emit_q32(b, ptr, w)
+                    _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, (g, q))
+                    t = b.fadd(t, _tree_sum(b, b.fmul(_emit_wq(b, q, d, m, zq), x), 32))
+                b.store(t, _data_ptr(context, b, tt, tout, kb))
+
+        _width_runs(builder, c, B, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _emit_wq(builder, q, d, m, zq):
+    """float(q - zq)*d + m for <32 x i8> quants q, as <32 x float> (as _emit_w32)."""
+    q = builder.zext(q, _vt(_I32, 32))
+    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
+    w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
+    return builder.fadd(w, _splat(builder, m, 32))
+
+
+def _store_qdm(context, builder, sig, qbt, qb, dmt, dm, kb, ng, d, m, gq):
+    """dm[2*kb] = d, dm[2*kb+1] = m (gq None), or qb[B*kb + 32*g:] = q (gq = (g, q))."""
+    if gq is None:
+        p = builder.shl(kb, ir.Constant(_I64, 1))
+        builder.store(d, _data_ptr(context, builder, dmt, dm, p))
+        builder.store(m, _data_ptr(context, builder, dmt, dm,
+                                   builder.add(p, ir.Constant(_I64, 1))))
+        return
+    g, q = gq
+    p = builder.add(builder.mul(kb, ir.Constant(_I64, G * ng)), ir.Constant(_I64, G * g))
+    _store(builder, q, _data_ptr(context, builder, qbt, qb, p))
+
+
+def _emit_isum(builder, q, x):
+    """Exact sum of q_e*x_e for <32 x i8> q (unsigned) and x (signed), as i64: i32 products,
+    adjacent pairs added (the shape of pmaddwd), then a tree."""
+    v32 = _vt(_I32, 32)
+    p = builder.mul(builder.zext(q, v32), builder.sext(x, v32))
+    p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(0, 32, 2))),
+                    builder.shuffle_vector(p, p, _const_vec(_I32, range(1, 32, 2))))
+    n = 16
+    while n > 1:
+        n //= 2
+        p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(n))),
+                        builder.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
+    return builder.sext(builder.extract_element(p, ir.Constant(_I32, 0)), _I64)
+
+
+@intrinsic
+def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, xq, xd, xs, tout, iout, qb,
+                dm):
+    """int8 mode, blocks lst[base:base+n] of width c (1..8): iout[2*kb + g] = I of group g
+    over all its elements, tout[kb] = the block's dot as if it had no outliers; qb, dm as
+    _fdense_run."""
+    sig = types.void(buf, offs, x0s, lst, types.int64, types.int64, types.int64, types.int64,
+                     xq, xd, xs, tout, iout, qb, dm)
+
+    def codegen(context, builder, sig, args):
+        buf, offs, x0s, lst, base, n, B, c, xq, xd, xs, tout, iout, qb, dm = args
+        xqt, xdt, xst, tt, it, qbt, dmt = sig.args[8:]
+
+        def emit(b, w, ng):
+            with cgutils.for_range(b, n) as loop:
+                kb, o, x0, is_sym, d, m, zq, qo = _run_header(context, b, sig, buf, offs, x0s,
+                                                              lst, base, loop.index, w)
+                _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, None)
+                t = ir.Constant(_F32, 0.0)
+                xb = b.lshr(x0, ir.Constant(_I64, 5))
+                for g in range(ng):
+                    ptr = _data_ptr(context, b, sig.args[0], buf,
+                                    b.add(qo, ir.Constant(_I64, 4 * w * g)))
+                    x = _load(b, _data_ptr(context, b, xqt, xq,
+                                           b.add(x0, ir.Constant(_I64, G * g))), _vt(_I8, 32))
+                    q = _emit_q32(b, ptr, w)
+                    _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, (g, q))
+                    isum = _emit_isum(b, q, x)
+                    b.store(b.trunc(isum, _I32), _data_ptr(
+                        context, b, it, iout,
+                        b.add(b.shl(kb, ir.Constant(_I64, 1)), ir.Constant(_I64, g))))
+                    xi = b.add(xb, ir.Constant(_I64, g))
+                    xsum = b.fptosi(b.load(_data_ptr(context, b, xst, xs, xi)), _I64)
+                    dx = b.load(_data_ptr(context, b, xdt, xd, xi))
+                    v_sym = b.fmul(dx, b.fmul(d, b.sitofp(b.sub(isum, b.mul(zq, xsum)), _F32)))
+                    v_asym = b.fmul(dx, b.fadd(b.fmul(d, b.sitofp(isum, _F32)),
+                                               b.fmul(m, b.sitofp(xsum, _F32))))
+                    t = b.fadd(t, b.select(is_sym, v_sym, v_asym))
+                b.store(t, _data_ptr(context, b, tt, tout, kb))
+
+        _width_runs(builder, c, B, emit)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -612,137 +607,204 @@ def _dequantize_kernel(buf, n_blocks, B, out, i0):
     return o
 
 
+_CHUNK = 256              # blocks per chunk of the matvec kernel (its scratch stays in L1)
+_N_CLASS = 10             # block classes: width 0..8, then raw fp16
+
+
 @kernel
 def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs, out):
-    """Returns 0, or -1 - k if block k's header is bad or it overruns buf."""
-    o = 0
+    """Returns 0, or -1 - k if block k's header is bad or it overruns buf.
+
+    Works in chunks of blocks: (1) the headers alone (each block's offset, activation offset,
+    class = width or raw, outlier count; the walk from header to header is a chain of
+    dependent loads, so it is kept short); (2) per class, a loop with the width fixed
+    (straight-line unpack and dot, no branch on the width per block) computing each block's
+    dot without its outliers (int8 mode: also the group sums I) and keeping its quants and
+    d, m; (3) the blocks with outliers, grouped by their count, redone from those (float
+    mode: each outlier patched onto the dense dot; int8 mode: the outliers taken out of I and
+    X); (4) the dots added to the rows in block order. The arithmetic of every block is the
+    one in the matvec_blocks docstring, bit for bit."""
     size_buf = buf.size
     ng = B // G
+    qshift = 2 if B == 32 else 3                 # B*c/8 = c << qshift
     row = first_block // bpr
     col = first_block - row * bpr
     acc = out[row] if n_blocks > 0 else np.float32(0.0)   # out[row], kept in a register
-    for k in range(n_blocks):
-        if o >= size_buf:
-            out[row] = acc
-            return -1 - k
-        h = np.int64(_at(buf, o))
-        c = h & 15
-        sym = (h >> 4) & 1
-        n_out = h >> 5
-        x0 = col * B
-        t = np.float32(0.0)
-        if c == RAW:
-            if o + 1 + 2 * B > size_buf or (h >> 4) != 0:
-                return -1 - k
-            for g in range(ng):
-                t += _fdot_f16(buf, o + 1 + 2 * G * g, xf, x0 + G * g)
-            o += 1 + 2 * B
-        else:
-            if c > 8:
-                return -1 - k
-            p = o + 1
-            qo = p + (2 if c > 0 else 0) + (2 if sym == 0 else 0) + 3 * n_out
-            end = qo + ((B * c) >> 3)
-            if end > size_buf:
-                return -1 - k
-            if p + 4 <= size_buf:        # both fp16 fields at once (vcvtph2ps), no branches
-                f0, f1 = _h2(buf, p)
-                d = f0 if c > 0 else np.float32(0.0)
-                m = (f1 if c > 0 else f0) if sym == 0 else np.float32(0.0)
+    ch = min(_CHUNK, n_blocks)
+    offs = np.empty(ch, np.int64)
+    x0s = np.empty(ch, np.int64)
+    lst = np.empty(_N_CLASS * ch, np.int32)
+    cnt = np.zeros(_N_CLASS, np.int64)
+    outl = np.empty((MAX_OUT + 1) * ch, np.int32)   # per outlier count, the blocks
+    ocnt = np.zeros(MAX_OUT + 1, np.int64)
+    tout = np.empty(ch, np.float32)
+    iout = np.empty(2 * ch if int8_mode else 0, np.int32)
+    qb = np.empty(ch * B, np.uint8)
+    dm = np.empty(2 * ch, np.float32)
+    o = 0
+    k0 = 0
+    xc = col
+    while k0 < n_blocks:
+        nch = min(ch, n_blocks - k0)
+        status = 0
+        flush = False
+        cnt[:] = 0
+        ocnt[:] = 0
+        # (1) headers
+        for i in range(nch):
+            if o >= size_buf:
+                status = -1 - (k0 + i)
+                flush = True
+                nch = i
+                break
+            h = np.int64(_at(buf, o))
+            c = h & 15
+            if c == RAW:
+                size = 1 + 2 * B
+                if o + size > size_buf or (h >> 4) != 0:
+                    status = -1 - (k0 + i)
+                    nch = i
+                    break
+                cls = _N_CLASS - 1
             else:
-                d = _h(buf, p) if c > 0 else np.float32(0.0)
-                m = _h(buf, p + (2 if c > 0 else 0)) if sym == 0 else np.float32(0.0)
-            zq = np.int64(0)
-            if sym == 1 and c > 0:
-                zq = np.int64(1) << (c - 1)
-                m = np.float32(-0.0)
-            po = qo - 3 * n_out
-            if not int8_mode:
-                for g in range(ng):
-                    go = qo + 4 * c * g
-                    xo = x0 + G * g
-                    if c == 0:
-                        t += _fdot_const(m, xf, xo)
-                    elif go + 32 <= size_buf:
-                        t += _fdot_gen(buf, go, c, d, m, zq, xf, xo)
-                    else:
-                        t += _fdot_any(buf, go, c, d, m, zq, xf, xo)
-            else:
-                for g in range(ng):
-                    go = qo + 4 * c * g
-                    xo = x0 + G * g
-                    isum = np.int64(0)
-                    if c > 0:
-                        if go + 32 <= size_buf:
-                            isum = _idot_gen(buf, go, c, xq, xo)
+                if c > 8:
+                    status = -1 - (k0 + i)
+                    nch = i
+                    break
+                size = (1 + (2 if c > 0 else 0) + (2 if (h & 16) == 0 else 0) + 3 * (h >> 5)
+                        + (c << qshift))
+                if o + size > size_buf:
+                    status = -1 - (k0 + i)
+                    nch = i
+                    break
+                cls = c
+                ko = h >> 5
+                outl[ko * ch + ocnt[ko]] = i
+                ocnt[ko] += 1
+            offs[i] = o
+            x0s[i] = xc * B
+            lst[cls * ch + cnt[cls]] = i
+            cnt[cls] += 1
+            o += size
+            xc += 1
+            if xc == bpr:
+                xc = 0
+        # (2) each class with its width fixed
+        for cls in range(_N_CLASS):
+            n = cnt[cls]
+            if n == 0:
+                continue
+            base = cls * ch
+            if cls == _N_CLASS - 1:                     # raw fp16
+                for j in range(n):
+                    i = np.int64(lst[base + j])
+                    ob = offs[i] + 1
+                    x0 = x0s[i]
+                    t = np.float32(0.0)
+                    for g in range(ng):
+                        t += _fdot_f16(buf, ob + 2 * G * g, xf, x0 + G * g)
+                    tout[i] = t
+            elif cls == 0:                              # constant blocks
+                for j in range(n):
+                    i = np.int64(lst[base + j])
+                    ob = offs[i]
+                    x0 = x0s[i]
+                    sym = (np.int64(buf[ob]) >> 4) & 1
+                    m = _h(buf, ob + 1) if sym == 0 else np.float32(0.0)
+                    d = np.float32(0.0)
+                    t = np.float32(0.0)
+                    for g in range(ng):
+                        xo = x0 + G * g
+                        if not int8_mode:
+                            t += _fdot_const(m, xf, xo)
                         else:
-                            isum = _idot_any(buf, go, c, xq, xo)
-                    xsum = np.int64(_at(xs, xo >> 5))
-                    for j in range(n_out):       # outliers leave the integer sums
+                            xsum = np.int64(_at(xs, xo >> 5))
+                            isum = np.int64(0)
+                            if sym:
+                                t += _at(xd, xo >> 5) * (d * np.float32(isum - 0 * xsum))
+                            else:
+                                t += _at(xd, xo >> 5) * (d * np.float32(isum)
+                                                         + m * np.float32(xsum))
+                    tout[i] = t
+            elif int8_mode:
+                _idense_run(buf, offs, x0s, lst, base, n, B, cls, xq, xd, xs, tout, iout, qb,
+                            dm)
+            else:
+                _fdense_run(buf, offs, x0s, lst, base, n, B, cls, xf, tout, qb, dm)
+        # (3) blocks with outliers (their quants, d and m saved by (2))
+        for ko in range(1, MAX_OUT + 1):       # by outlier count: the loops below repeat
+            for j0 in range(ocnt[ko]):
+                i = np.int64(outl[ko * ch + j0])
+                ob = offs[i]
+                h = np.int64(buf[ob])
+                c = h & 15
+                sym = (h >> 4) & 1
+                k = h >> 5
+                po = ob + 1 + (2 if c > 0 else 0) + (2 if sym == 0 else 0)
+                x0 = x0s[i]
+                qi = B * i
+                if c == 0:
+                    m = _h(buf, ob + 1) if sym == 0 else np.float32(0.0)
+                    d = np.float32(0.0)
+                    zq = np.int64(0)
+                else:
+                    d = dm[2 * i]
+                    m = dm[2 * i + 1]
+                    zq = np.int64(1) << (c - 1) if sym else np.int64(0)
+                if not int8_mode:     # replace each outlier's grid value by its value
+                    t = tout[i]
+                    for j in range(k):
                         pos = np.int64(buf[po + j]) & (B - 1)
-                        if (pos >> 5) == g:
-                            xv = np.int64(xq[x0 + pos])
-                            xsum -= xv
-                            if c > 0:
-                                e = pos & 31
-                                qv = np.int64(0)
-                                if c == 8:
-                                    qv = np.int64(buf[go + e])
-                                else:
-                                    off = go
-                                    sh = 0
-                                    if c & 4:
-                                        qv = (np.int64(buf[off + (e & 15)]) >> (4 * (e >> 4))) & 15
-                                        off += 16
-                                        sh = 4
-                                    if c & 2:
-                                        qv |= ((np.int64(buf[off + (e & 7)]) >> (2 * (e >> 3)))
-                                               & 3) << sh
-                                        off += 8
-                                        sh += 2
-                                    if c & 1:
-                                        qv |= ((np.int64(buf[off + (e & 3)]) >> (e >> 2)) & 1) << sh
-                                isum -= qv * xv
+                        val = _h(buf, po + k + 2 * j)
+                        wq = np.float32(np.int64(qb[qi + pos]) - zq) * d + m if c > 0 else m
+                        t += (val - wq) * _at(xf, x0 + pos)
+                else:                 # outliers leave the integer sums, then add val * x
+                    xb = x0 >> 5
+                    i0 = np.int64(iout[2 * i]) if c > 0 else np.int64(0)
+                    x0sum = np.int64(_at(xs, xb))
+                    i1 = np.int64(0)
+                    x1sum = np.int64(0)
+                    if ng == 2:
+                        i1 = np.int64(iout[2 * i + 1]) if c > 0 else np.int64(0)
+                        x1sum = np.int64(_at(xs, xb + 1))
+                    for j in range(k):
+                        pos = np.int64(buf[po + j]) & (B - 1)
+                        xv = np.int64(_at(xq, x0 + pos))
+                        qv = np.int64(qb[qi + pos]) * xv if c > 0 else np.int64(0)
+                        hi = pos >> 5
+                        x0sum -= xv * (1 - hi)
+                        i0 -= qv * (1 - hi)
+                        x1sum -= xv * hi
+                        i1 -= qv * hi
+                    t = np.float32(0.0)
                     if sym:
-                        t += _at(xd, xo >> 5) * (d * np.float32(isum - zq * xsum))
+                        t += _at(xd, xb) * (d * np.float32(i0 - zq * x0sum))
                     else:
-                        t += _at(xd, xo >> 5) * (d * np.float32(isum) + m * np.float32(xsum))
-            for j in range(n_out):
-                pos = np.int64(buf[po + j]) & (B - 1)
-                val = _h(buf, po + n_out + 2 * j)
-                if not int8_mode:        # float mode: replace the grid value by the outlier's
-                    wq = m
-                    if c > 0:
-                        go = qo + 4 * c * (pos >> 5)
-                        e = pos & 31
-                        qv = np.int64(0)
-                        if c == 8:
-                            qv = np.int64(buf[go + e])
+                        t += _at(xd, xb) * (d * np.float32(i0) + m * np.float32(x0sum))
+                    if ng == 2:
+                        if sym:
+                            t += _at(xd, xb + 1) * (d * np.float32(i1 - zq * x1sum))
                         else:
-                            off = go
-                            sh = 0
-                            if c & 4:
-                                qv = (np.int64(buf[off + (e & 15)]) >> (4 * (e >> 4))) & 15
-                                off += 16
-                                sh = 4
-                            if c & 2:
-                                qv |= ((np.int64(buf[off + (e & 7)]) >> (2 * (e >> 3))) & 3) << sh
-                                off += 8
-                                sh += 2
-                            if c & 1:
-                                qv |= ((np.int64(buf[off + (e & 3)]) >> (e >> 2)) & 1) << sh
-                        wq = np.float32(qv - zq) * d + m
-                    val = val - wq
-                t += val * xf[x0 + pos]
-            o = end
-        acc += t
-        col += 1
-        if col == bpr:
-            out[row] = acc
-            col = 0
-            row += 1
-            if k + 1 < n_blocks:
-                acc = out[row]
+                            t += _at(xd, xb + 1) * (d * np.float32(i1) + m * np.float32(x1sum))
+                    for j in range(k):
+                        pos = np.int64(buf[po + j]) & (B - 1)
+                        t += _h(buf, po + k + 2 * j) * _at(xf, x0 + pos)
+                tout[i] = t
+        # (4) the dots into the rows, in block order
+        for i in range(nch):
+            acc += tout[i]
+            col += 1
+            if col == bpr:
+                out[row] = acc
+                col = 0
+                row += 1
+                if k0 + i + 1 < n_blocks:
+                    acc = out[row]
+        if status:
+            if flush:
+                out[row] = acc
+            return status
+        k0 += nch
     if n_blocks > 0 and col != 0:
         out[row] = acc
     return 0
@@ -1458,6 +1520,8 @@ def matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq,
     mode); out[row] += t. Raw fp16 blocks: tree sums of value*xf in both modes.
     """
     B = block_size
+    if B not in (32, 64):
+        raise BadInput(f"matvec QX: block size must be 32 or 64, got {B}")
     if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
         raise BadInput(f"matvec QX: bad block range (n_blocks={n_blocks}, "
                        f"first_block={first_block}, blocks_per_row={blocks_per_row})")

@@ -438,6 +438,163 @@ def test_matvec_matches_reference(int8_mode, bs, rows, bpr, opts, xscale, seed, 
     np.testing.assert_array_equal(pieces.view(np.uint32), whole.view(np.uint32))
 
 
+def _tree(v: np.ndarray) -> F32:
+    """The kernels' fixed tree sum of float32 lanes: [0, n/2) + [n/2, n), repeated."""
+    while v.size > 1:
+        h = v.size // 2
+        v = (v[:h] + v[h:]).astype(F32)
+    return v[0]
+
+
+def exact_dots(blocks, first, bpr, B, xf, xq, xd, xs, out, int8_mode):
+    """out (float32) after matvec_blocks over the decoded blocks, bit for bit: the arithmetic of
+    the matvec_blocks docstring in numpy float32 scalars (each operation rounded once), the
+    integer sums exact. Outlier positions are taken mod B, each one applied (as the kernel)."""
+    out = out.copy()
+    for n, blk in enumerate(blocks):
+        g0 = first + n
+        row, x0 = g0 // bpr, (g0 % bpr) * B
+        t = F32(0)
+        if blk["c"] == 15:
+            for g in range(B // 32):
+                s = slice(x0 + 32 * g, x0 + 32 * g + 32)
+                t = F32(t + _tree((blk["raw"][32 * g:32 * g + 32] * xf[s]).astype(F32)))
+            out[row] = F32(out[row] + t)
+            continue
+        c, S, d, m = blk["c"], blk["S"], F32(blk["d"]), F32(blk["m"])
+        z = (1 << (c - 1)) if (S and c) else 0
+        q = blk["q"]
+        if c == 0:
+            w = np.full(B, m if not S else F32(0), F32)
+        elif S:
+            w = ((q - z).astype(F32) * d).astype(F32)
+        else:
+            w = ((q.astype(F32) * d).astype(F32) + m).astype(F32)
+        pos = [p & (B - 1) for p in blk["pos"]]
+        if not int8_mode:
+            for g in range(B // 32):
+                s = slice(x0 + 32 * g, x0 + 32 * g + 32)
+                t = F32(t + _tree((w[32 * g:32 * g + 32] * xf[s]).astype(F32)))
+            for p, v in zip(pos, blk["val"]):
+                t = F32(t + F32(F32(v) - w[p]) * xf[x0 + p])
+        else:
+            for g in range(B // 32):
+                b = (x0 >> 5) + g
+                X = int(xs[b])
+                Isum = (int(np.dot(q[32 * g:32 * g + 32], xq[x0 + 32 * g:x0 + 32 * g + 32]
+                                   .astype(np.int64))) if c else 0)
+                for p in pos:
+                    if p >> 5 == g:
+                        X -= int(xq[x0 + p])
+                        if c:
+                            Isum -= int(q[p]) * int(xq[x0 + p])
+                if S:
+                    t = F32(t + xd[b] * F32(d * F32(Isum - z * X)))
+                else:
+                    t = F32(t + xd[b] * F32(F32(d * F32(Isum)) + F32(m * F32(X))))
+            for p, v in zip(pos, blk["val"]):
+                t = F32(t + F32(v) * xf[x0 + p])
+        out[row] = F32(out[row] + t)
+    return out
+
+
+def random_blocks(rng, n, B, tame=True):
+    """n QX blocks with valid headers (every width, S, outlier count, raw) and random bodies:
+    tame = finite fp16 scales and values and distinct positions below B; otherwise random
+    bytes there (positions repeated or >= B: the kernel takes them mod B)."""
+    parts = []
+    for _ in range(n):
+        c = int(rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 15]))
+        S = int(rng.integers(0, 2)) if c != 15 else 0
+        k = int(rng.integers(0, 8)) if c != 15 else 0
+        size = qx.block_bytes(c, S, k, B)
+        blk = rng.integers(0, 256, size).astype(np.uint8)
+        blk[0] = c | S << 4 | k << 5
+        if tame:
+            h = rng.standard_normal(B + 8).astype(np.float16).view(np.uint8)
+            if c == 15:
+                blk[1:] = h[:2 * B]
+            else:
+                p = 1 + 2 * (c > 0) + 2 * (S == 0)
+                blk[1:p] = h[:p - 1]
+                blk[p:p + k] = np.sort(rng.choice(B, k, replace=False))
+                blk[p + k:p + 3 * k] = h[2 * B - 2 * k:2 * B]
+        parts.append(blk)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+@pytest.mark.parametrize("bs", [32, 64])
+@pytest.mark.parametrize("int8_mode", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_matvec_is_bit_exact(bs, int8_mode, seed):
+    """Blocks of every kind (and quantizer output) against exact_dots, bit for bit, whole runs
+    and runs cut anywhere."""
+    rng = np.random.default_rng(100 + seed)
+    rows, bpr = int(rng.integers(1, 6)), int(rng.integers(1, 9))
+    cols = bpr * bs
+    if seed % 3 == 2:
+        w = matrix(rng, rows, cols, scale=float(rng.choice([1e-3, 1.0, 50.0])))
+        opts = ["bpw=4.5", "bpw=3,outliers=7,widths=1,2,3,4,5,6,7,8", "err=0.02", "bpw=12"]
+        body = quants.by_name(f"QX:bs={bs},{opts[seed % 4]}").quantize(w)[4 * (rows + 1):]
+    else:
+        body = random_blocks(rng, rows * bpr, bs, tame=seed % 3 == 0)
+    body = np.ascontiguousarray(body)
+    blocks, ends = [], [0]
+    for _ in range(rows * bpr):
+        blocks.append(decode_block(body, ends[-1], bs))
+        ends.append(ends[-1] + blocks[-1]["size"])
+    assert ends[-1] == body.size
+    x = (rng.standard_normal(cols) * rng.choice([1e-3, 1.0, 300.0])).astype(F32)
+    x[rng.integers(0, cols)] = 0
+    x[rng.integers(0, cols)] = -0.0
+    xf, xq, xd, xs = _acts(x, int8_mode)
+    out0 = rng.standard_normal(rows).astype(F32)
+    out0[0] = -0.0
+    t = quants.by_name(f"QX:bs={bs}")
+    total = rows * bpr
+    for first, n in [(0, total)] + [(f, int(rng.integers(1, total - f + 1)))
+                                    for f in rng.integers(0, total, 4)]:
+        got = out0.copy()
+        t.matvec_blocks(int8_mode, body[ends[first]:ends[first + n]], n, int(first), bpr, xf,
+                        xq, xd, xs, got)
+        want = exact_dots(blocks[first:first + n], first, bpr, bs, xf, xq, xd, xs, out0,
+                          int8_mode)
+        same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), (first, n, got, want)     # NaN payloads aside: bit for bit
+
+
+def test_matvec_error_leaves_earlier_rows():
+    """A run that overruns its buffer: BadInput naming the block, the rows before it done (and
+    a row cut where the buffer ends, up to that point)."""
+    rng = np.random.default_rng(14)
+    bs, rows, bpr = 32, 4, 3
+    body = random_blocks(rng, rows * bpr, bs)
+    blocks, ends = [], [0]
+    for _ in range(rows * bpr):
+        blocks.append(decode_block(body, ends[-1], bs))
+        ends.append(ends[-1] + blocks[-1]["size"])
+    x = rng.standard_normal(bpr * bs).astype(F32)
+    t = quants.by_name("QX:bs=32")
+    for int8_mode in (False, True):
+        xf, xq, xd, xs = _acts(x, int8_mode)
+        for cut_block in (0, 4, 6, 11):
+            for extra in (0, 1):              # the buffer ends at a block / inside it
+                got = np.zeros(rows, F32)
+                with pytest.raises(BadInput, match=f"block {cut_block} "):
+                    t.matvec_blocks(int8_mode, body[:ends[cut_block] + extra], rows * bpr, 0,
+                                    bpr, xf, xq, xd, xs, got)
+                want = exact_dots(blocks[:cut_block], 0, bpr, bs, xf, xq, xd, xs,
+                                  np.zeros(rows, F32), int8_mode)
+                full = cut_block // bpr            # rows finished before the bad block
+                np.testing.assert_array_equal(got[:full].view(np.uint32),
+                                              want[:full].view(np.uint32))
+                if extra == 0:                     # header past the end: the row so far too
+                    np.testing.assert_array_equal(got[full:full + 1].view(np.uint32),
+                                                  want[full:full + 1].view(np.uint32))
+                assert np.all(got[full + 1:] == 0)
+
+
 def test_matvec_float_mode_is_dequantized_dot():
     """Float mode: the dot of the dequantized block with xf (fp32 sums, so close to float64)."""
     rng = np.random.default_rng(10)
