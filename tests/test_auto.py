@@ -106,3 +106,14 @@ def test_sweep_runs_in_seconds_and_plots(tmp_path):
     assert rows["Q8_0"]["kl_mean"] < rows["Q4_0"]["kl_mean"]
     assert rows["Q4_0"]["bits_per_weight"] == 4.5 and rows["auto:5"]["bits_per_weight"] <= 5
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrated_auto_is_never_worse_than_the_best_single_type_that_fits(tmp_path):
+    model = fp32_model("4v0-660K")
+    r = json.loads(run_cli("convert", model, "-o", tmp_path / "a.rwks", "--quant", "auto:4.6",
+                           "--calib-text", REPO / "docs" / "quality" / "calib-text.txt", "--json",
+                           check_status=0).stdout)["auto"]
+    assert "kl-scaled" in r["sensitivity"] and r["achieved_bpw"] <= 4.6
+    kl = r["measured_kl"]
+    assert "mix" in kl and "Q4_0" in kl and "Q5_0" not in kl       # Q5_0 (5.5) does not fit
+    assert kl[r["chosen"]] == min(kl.values())
