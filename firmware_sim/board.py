@@ -68,25 +68,22 @@ def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
     hp = HParams(version, _u(fixed, "n_vocab"), _u(fixed, "n_embd"), _u(fixed, "n_layer"),
                  _u(fixed, "ffn_size"), _u(fixed, "n_head"), _u(fixed, "head_size"), lora)
     n_types, n_tensors = _u(fixed, "n_types", "<H"), _u(fixed, "n_tensors")
-    if n_tensors != len(forward_order(hp)):
-        raise BadInput(f"header lists {n_tensors} tensors, RWKV v{version.label} has "
-                       f"{len(forward_order(hp))}", offset=K.HEADER_OFFSETS["n_tensors"])
-    types = {}
+    # Nothing read so far is trusted before the header CRC: the sizes only bound the reads
+    # (they must add up to header_size, within the stream), and the fields are interpreted
+    # once the CRC has matched.
+    header_size = _u(fixed, "header_size")
+    tables = K.HEADER_FIXED_SIZE + n_types * K.TYPE_ENTRY_SIZE + n_tensors + (-n_tensors) % 4
+    if tables + 4 + (-(tables + 4)) % K.ALIGN != header_size or \
+            (source.size and header_size > source.size):
+        raise BadInput(f"header_size {header_size} does not fit {n_types} type entries and "
+                       f"{n_tensors} tensors (or the stream's {source.size} bytes)",
+                       offset=K.HEADER_OFFSETS["header_size"])
+    entries = []
     entry = buf[:K.TYPE_ENTRY_SIZE]
     for i in range(n_types):
         source.readinto(entry)
         crc = zlib.crc32(entry, crc)
-        type_id = int(entry[K.TYPE_ENTRY_OFFSETS["id"]])
-        name = bytes(entry[8:8 + K.TYPE_NAME_SIZE]).rstrip(b"\0").decode("ascii", "replace")
-        bs, bb = struct.unpack_from("<HH", entry, K.TYPE_ENTRY_OFFSETS["block_size"])
-        off = K.HEADER_FIXED_SIZE + i * K.TYPE_ENTRY_SIZE
-
-        def refuse(_why, name=name, type_id=type_id, off=off):
-            raise BadInput(f"the stream uses type {name!r} (id {type_id}), which this board "
-                           "does not implement", offset=off)
-        types[type_id] = stream_type(type_id, name, bs, bb, struct.unpack_from(
-            "<II", entry, K.TYPE_ENTRY_OFFSETS["param0"]), refuse,
-            flags=int(entry[K.TYPE_ENTRY_OFFSETS["flags"]]))
+        entries.append(bytes(entry))
     rest = n_tensors + (-n_tensors) % 4           # the per-tensor plan: a board needs only CRC it
     while rest:
         piece = buf[:min(rest, len(buf))]
@@ -97,7 +94,22 @@ def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
     source.readinto(stored)
     if struct.unpack("<I", stored)[0] != crc & 0xFFFFFFFF:
         raise BadInput("header CRC-32 mismatch", offset=source.pos - 4)
-    header_size = _u(fixed, "header_size")
+    if n_tensors != len(forward_order(hp)):
+        raise BadInput(f"header lists {n_tensors} tensors, RWKV v{version.label} has "
+                       f"{len(forward_order(hp))}", offset=K.HEADER_OFFSETS["n_tensors"])
+    types = {}
+    for i, entry in enumerate(entries):
+        type_id = entry[K.TYPE_ENTRY_OFFSETS["id"]]
+        name = entry[8:8 + K.TYPE_NAME_SIZE].rstrip(b"\0").decode("ascii", "replace")
+        bs, bb = struct.unpack_from("<HH", entry, K.TYPE_ENTRY_OFFSETS["block_size"])
+        off = K.HEADER_FIXED_SIZE + i * K.TYPE_ENTRY_SIZE
+
+        def refuse(_why, name=name, type_id=type_id, off=off):
+            raise BadInput(f"the stream uses type {name!r} (id {type_id}), which this board "
+                           "does not implement", offset=off)
+        types[type_id] = stream_type(type_id, name, bs, bb, struct.unpack_from(
+            "<II", entry, K.TYPE_ENTRY_OFFSETS["param0"]), refuse,
+            flags=entry[K.TYPE_ENTRY_OFFSETS["flags"]])
     return StreamInfo(hp, types, header_size, _u(fixed, "emb_offset", "<Q"),
                       _u(fixed, "emb_row_bytes"), _u(fixed, "tokenizer", "<B"))
 

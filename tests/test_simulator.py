@@ -321,3 +321,21 @@ def test_run_streams_top_p_when_logits_do_not_fit(tmp_path):
     r = json.loads(run_cli(*args, check_status=0).stdout)
     assert len(r["generated"]) == 8 and "256 largest" in r["logits"]
     assert json.loads(run_cli(*args, check_status=0).stdout)["generated"] == r["generated"]
+
+
+@pytest.mark.parametrize("field,value", [("n_layer", 0x7FFFFFFF), ("n_tensors", 0xFFFFFFF0),
+                                         ("n_types", 0xFFFF), ("n_embd", 0x40000000)])
+def test_board_trusts_no_header_field_before_the_crc(field, value):
+    """A damaged header field (CRC not fixed) is refused at once, before the board sizes
+    anything from it (a huge n_layer once made it build a list of billions of names)."""
+    import struct
+
+    from formats import board_constants as K
+    from formats.errors import BadInput
+    data = bytearray(stream_bytes(load_model(fp32_model("4v0-660K")), "Q8_0"))
+    off = K.HEADER_OFFSETS[field]
+    fmt = "<H" if field == "n_types" else "<I"
+    struct.pack_into(fmt, data, off, value)
+    with pytest.raises(BadInput) as e:
+        Board(BytesSource(bytes(data)))
+    assert "CRC" in e.value.message or "header_size" in e.value.message
