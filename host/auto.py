@@ -211,11 +211,14 @@ def auto_plan(model, bpw: float, base_plan: dict, names: list[str], *, importanc
     if not names:
         raise BadInput("this model has no tensor that --quant auto applies to")
     if tokens is not None:
-        options = measure_kl_scaled(model, names, candidates, tokens, base_plan, importance,
-                                    progress=progress)
+        # one run per tensor: a short prefix of the text is enough to scale each curve; the
+        # final check of the mix against single types (a few runs) reads all of it
+        options = measure_kl_scaled(model, names, candidates, tokens[:SCALE_TOKENS], base_plan,
+                                    importance, progress=progress)
         how = (f"kl-scaled proxy: each tensor's {'importance-weighted' if importance else ''} "
                f"squared-error curve scaled to the KL it causes alone at Q4_0 (measured "
-               f"against F32 over {len(tokens)} calibration tokens)").replace("  ", " ")
+               f"against F32 over {min(len(tokens), SCALE_TOKENS)} calibration tokens; mix "
+               f"and single types then compared over all {len(tokens)})").replace("  ", " ")
     else:
         options = measure_proxy(model, names, candidates, importance, progress)
         how = "proxy: " + ("importance-weighted" if importance else "plain") + \
@@ -233,6 +236,7 @@ def auto_plan(model, bpw: float, base_plan: dict, names: list[str], *, importanc
     return {n: o.qtype for n, o in chosen.items()}, report
 
 
+SCALE_TOKENS = 128
 PRESETS = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
 
 

@@ -120,7 +120,7 @@ def make_plan(model: Model, quant: str | QuantType | None, overrides=(), importa
         tokens = None
         if calib_text is not None:
             from .quality import _tokens
-            tokens, _ = _tokens(calib_text, model.hparams.n_vocab, None, 128)
+            tokens, _ = _tokens(calib_text, model.hparams.n_vocab, None, None)
         chosen, plan.auto = auto_plan(model, budget, dict(plan), names, importance=importance,
                                       tokens=tokens, progress=progress)
         plan.update(chosen)
