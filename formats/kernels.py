@@ -394,10 +394,12 @@ def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
 # blocks at a time, and calls `matvec_blocks` on each run. Two arithmetic modes:
 #
 # * float mode: the weights dequantized exactly as ggml's `dequantize_row_*` (float32; q*d + m
-#   rounded twice, no FMA) times the float32 activation. F32/F16/BF16: each product is added
-#   to the row's float32 sum, left to right. Block types: a block's 32 products are summed as a
-#   fixed tree (p[j] + p[j+16] for j < 16, then halves of 16, 8, 4, 2) and that sum is added to
-#   the row's sum. Every block goes straight into out[row].
+#   rounded twice, no FMA) times the float32 activation. F32/F16: ggml's 4 x 8 FMA lanes as in
+#   int8 mode below, with the activation as it is (not rounded to fp16): a left-to-right sum
+#   is one long dependent chain, about 4x slower. BF16: each product is added to the row's
+#   float32 sum, left to right. Block types: a block's 32 products are summed as a fixed tree
+#   (p[j] + p[j+16] for j < 16, then halves of 16, 8, 4, 2) and that sum is added to the row's
+#   sum; every block goes straight into out[row].
 #
 # * int8 mode: what rwkv.cpp computes on x86 with AVX2 (the build behind the rwkv.cpp fixtures,
 #   docs/rwkv_spec.md 4.8). `prepare_activation` converts the activation to the type's
@@ -822,7 +824,8 @@ def _matvec_kernel(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_ro
     bpr = blocks_per_row
     row = first_block // bpr
     c0 = first_block - row * bpr
-    lanes = int8_mode and type_id != T_BF16
+    # F32/F16 rows run in ggml's 32 FMA lanes in both modes (float mode: unrounded activations)
+    lanes = (int8_mode and type_id != T_BF16) or type_id == T_F32 or type_id == T_F16
     if lanes and n_blocks > 0:
         where = np.float64(out.ctypes.data)
         if c0 > 0 and not (state[_ST_NEXT] == first_block and state[_ST_TYPE] == type_id

@@ -131,9 +131,9 @@ def block_terms(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_row, 
 
 
 def lanes_mode(type_id: int, int8_mode: bool) -> bool:
-    """int8 mode sums rows in ggml's AVX2 lanes (all types but BF16): a row lands in `out` only
-    when its last block has been processed."""
-    return int8_mode and type_id != 30
+    """int8 mode sums rows in ggml's AVX2 lanes (all types but BF16), and so do F32/F16 in
+    float mode: a row lands in `out` only when its last block has been processed."""
+    return (int8_mode and type_id != 30) or type_id in (0, 1)
 
 
 def matvec_reference(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_row, act,
