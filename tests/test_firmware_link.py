@@ -629,14 +629,16 @@ def test_qemu_preloaded_fixture(fw_elf, tiny, tmp_path):
         with HostSession(q.url, timeouts=Timeouts(reply=0.02, handshake=0.25, retries=6)) as h:
             h.hello()
             h.run_flash()
-            busy_eval = h.link.request(OP["EVAL"], struct.pack("<IHHB3xI", h.info.tokens, 1, 3,
+            # a long EVAL (24 tokens on the emulated M3), so that the LOGITS behind it finds
+            # the board busy however fast the machine running QEMU is
+            busy_eval = h.link.request(OP["EVAL"], struct.pack("<IHHB3xI", h.info.tokens, 1, 24,
                                                                0, 65), extend=True)
             other = h.link.request(OP["LOGITS"], struct.pack("<II", 0, 16))
             with pytest.raises(BoardError) as e:
                 h.link.wait_reply(other, h.handle)
             assert e.value.code == ERR["BUSY"]
             rep = h.link.wait_reply(busy_eval, h.handle).payload
-            assert len(rep) == 8 + 3 * 4
+            assert len(rep) == 8 + 24 * 4
             h.info.tokens = struct.unpack_from("<I", rep)[0]
             # 30 tokens take longer than the host's first waits: its repeats get WORKING
             assert len(h.eval([65], 30)) == 30 and h.link.stats["working"] > 0
