@@ -109,8 +109,15 @@ class Relay:
                 self.threads.append(t)
         return self
 
-    def stop(self, close: bool = True) -> None:
+    def stop(self, close: bool = True, join: bool = True) -> None:
         self.stop_event.set()
+        # The threads must be gone before their fds are closed: a reader still polling a closed
+        # fd number would read whatever file the process opens next under that number. (A cut
+        # from inside a reader closes at once, as a pulled cable does.)
+        me = threading.current_thread()
+        for t in self.threads if join else ():
+            if t is not me:
+                t.join(2.0)
         if close:
             for e in self.ends:
                 e.close()
@@ -119,7 +126,7 @@ class Relay:
         self.counts["cuts"] += 1
         if seconds is None:
             self.hung_up = True
-            self.stop()
+            self.stop(join=False)
         else:
             self.silent_until = time.monotonic() + seconds
 
