@@ -96,35 +96,36 @@ def measure_proxy(model, names, candidates, importance, progress=None) -> dict[s
     return options
 
 
-def measure_kl_scaled(model, names, candidates, tokens, base_plan, importance, columns=64,
+def _kl_meter(model, base_plan, names, tokens, importance, columns=64):
+    """measure(types) -> the mean KL over `tokens`, against the plan with every tensor of
+    `names` in F32, of that plan with `types` (name -> type) put in."""
+    from firmware_sim.sources import VirtualSource
+
+    from .quality import mean_kl, run_logits
+    from .stream import VirtualStream
+    f32 = by_name("F32")
+    ref_plan = {n: f32 if n in names else q for n, q in base_plan.items()}
+
+    def logits(plan):
+        vs = VirtualStream(model, _with_importance(plan, importance))
+        return run_logits(VirtualSource(vs), tokens, "float", columns)
+
+    ref = logits(ref_plan)
+    return lambda types: mean_kl(logits({**ref_plan, **types}), ref)
+
+
+def measure_kl_scaled(model, names, candidates, tokens, base_plan, importance,
                       probe="Q4_0", progress=None) -> dict[str, list[Option]]:
     """The proxy's curve of each tensor, scaled so that at `probe` it equals the measured KL
     (against F32, over `tokens`) with only that tensor quantized to `probe`: one run of the
     model per tensor instead of one per tensor and candidate."""
-    from firmware_sim.sources import VirtualSource
-
-    from .quality import compare, run_logits
-    from .stream import VirtualStream
     options = measure_proxy(model, names, candidates, importance)
-    f32 = by_name("F32")
-    ref_plan = {n: f32 if n in names else q for n, q in base_plan.items()}
-    ref = run_logits(VirtualSource(VirtualStream(model, ref_plan)), tokens, "float", columns)
-
-    class _Bytes:           # compare() only needs a byte count for bits per byte
-        @staticmethod
-        def decode_bytes(toks):
-            return bytes(len(toks))
-
+    measure = _kl_meter(model, base_plan, names, tokens, importance)
     for name in names:
         at = next((o for o in options[name] if o.spec == probe), None)
         if at is None or at.loss <= 0:
             continue
-        plan = dict(ref_plan)
-        plan[name] = at.qtype
-        vs = VirtualStream(model, _with_importance(plan, importance))
-        kl = compare(run_logits(VirtualSource(vs), tokens, "float", columns), tokens, ref,
-                     _Bytes)["kl_mean"]
-        scale = kl / at.loss
+        scale = measure({name: at.qtype}) / at.loss
         for o in options[name]:
             o.loss *= scale
         if progress:
@@ -246,30 +247,13 @@ def _check_against_presets(model, chosen, options, budget, base_plan, names, tok
     KL over the text) next to every single type, with llama.cpp's fallbacks, that fits the
     budget, and the best measured plan wins. So auto is never worse, on that text, than the
     best uniform choice of the same size."""
-    from firmware_sim.sources import VirtualSource
-
-    from .quality import compare, run_logits
-    from .stream import VirtualStream
-
-    class _Bytes:
-        @staticmethod
-        def decode_bytes(toks):
-            return bytes(len(toks))
-
-    f32 = by_name("F32")
-    ref_plan = dict(base_plan)
-    ref_plan.update({n: f32 for n in names})
-    ref = run_logits(VirtualSource(VirtualStream(model, ref_plan)), tokens, "float", columns)
+    measure = _kl_meter(model, base_plan, names, tokens, importance, columns)
 
     def measured(types):
-        plan = dict(base_plan)
-        plan.update(types)
-        vs = VirtualStream(model, _with_importance(plan, importance))
-        return compare(run_logits(VirtualSource(vs), tokens, "float", columns), tokens, ref,
-                       _Bytes)["kl_mean"]
+        return measure({n: o.qtype for n, o in types.items()})
 
     by_spec = {n: {o.spec: o for o in opts} for n, opts in options.items()}
-    trials = {"mix": (chosen, measured({n: o.qtype for n, o in chosen.items()}))}
+    trials = {"mix": (chosen, measured(chosen))}
     for preset in PRESETS:
         try:
             q = by_name(preset)
@@ -284,7 +268,7 @@ def _check_against_presets(model, chosen, options, budget, base_plan, names, tok
             pick[n] = o
         else:
             if sum(o.bits for o in pick.values()) <= budget:
-                trials[preset] = (pick, measured({n: o.qtype for n, o in pick.items()}))
+                trials[preset] = (pick, measured(pick))
     best = min(trials, key=lambda k: trials[k][1])
     report["measured_kl"] = {k: v[1] for k, v in trials.items()}
     report["chosen"] = best

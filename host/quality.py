@@ -59,6 +59,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _kl(lp: np.ndarray, rp: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P) per row, from log-probabilities."""
+    return (np.exp(rp) * (rp - lp)).sum(axis=-1)
+
+
+def mean_kl(logits: np.ndarray, reference: np.ndarray) -> float:
+    """compare()'s kl_mean alone: no tokens or tokenizer needed."""
+    return float(_kl(_log_softmax(logits[:-1]), _log_softmax(reference[:-1])).mean())
+
+
 def compare(logits: np.ndarray, tokens, reference: np.ndarray | None, tokenizer) -> dict:
     """Metrics over the predictions of tokens[1:] (from the logits after tokens[:-1])."""
     lp = _log_softmax(logits[:-1])
@@ -70,7 +80,7 @@ def compare(logits: np.ndarray, tokens, reference: np.ndarray | None, tokenizer)
                bits_per_byte=float(nll.sum() / np.log(2) / max(1, n_bytes)))
     if reference is not None:
         rp = _log_softmax(reference[:-1])
-        kl = (np.exp(rp) * (rp - lp)).sum(axis=-1)
+        kl = _kl(lp, rp)
         out.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()),
                    top1_agreement=float(np.mean(rp.argmax(-1) == lp.argmax(-1))),
                    reference_bits_per_byte=float(
