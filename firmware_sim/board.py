@@ -46,6 +46,17 @@ class StreamInfo:
         self.after_embedding = end + (-end) % K.ALIGN
 
 
+def read_through(source, buf: np.ndarray, n: int, crc: int) -> int:
+    """Read n bytes through `buf`, a piece at a time, that the board only checks: the CRC-32
+    continued over them."""
+    while n:
+        piece = buf[:min(n, len(buf))]
+        source.readinto(piece)
+        crc = zlib.crc32(piece, crc)
+        n -= len(piece)
+    return crc
+
+
 def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
     """Parse and check the header: its fixed part into `fixed` (HEADER_FIXED_SIZE bytes), the
     tables through `buf` (at least MIN_CHUNK bytes)."""
@@ -84,12 +95,8 @@ def read_stream_info(source, fixed: np.ndarray, buf: np.ndarray) -> StreamInfo:
         source.readinto(entry)
         crc = zlib.crc32(entry, crc)
         entries.append(bytes(entry))
-    rest = n_tensors + (-n_tensors) % 4           # the per-tensor plan: a board needs only CRC it
-    while rest:
-        piece = buf[:min(rest, len(buf))]
-        source.readinto(piece)
-        crc = zlib.crc32(piece, crc)
-        rest -= len(piece)
+    # the per-tensor plan: a board needs only CRC it
+    crc = read_through(source, buf, n_tensors + (-n_tensors) % 4, crc)
     stored = buf[:4]
     source.readinto(stored)
     if struct.unpack("<I", stored)[0] != crc & 0xFFFFFFFF:
@@ -351,12 +358,9 @@ class Board:
         if self._left < 0:
             raise BadInput(f"a payload of {size} bytes cannot hold the row-offset table of "
                            f"{n_rows} rows", offset=self.source.pos, tensor=name)
-        while rest:
-            piece = self.chunk[:min(rest, len(self.chunk))]
-            self.source.readinto(piece)
-            if self._verifying:
-                self._crc = zlib.crc32(piece, self._crc)
-            rest -= len(piece)
+        crc = read_through(self.source, self.chunk, rest, self._crc)
+        if self._verifying:
+            self._crc = crc
 
     def _end(self) -> None:
         name, offset, size, index = self._record
