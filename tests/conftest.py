@@ -45,3 +45,20 @@ def run_cli(*args, input: bytes | None = None, check_status: int | None = None, 
     if check_status is not None:
         assert proc.returncode == check_status, (proc.returncode, proc.stderr.decode()[-2000:])
     return proc
+
+
+def mutated(stream: bytes, data, max_edits: int) -> bytes:
+    """1..max_edits random edits of `stream` drawn by hypothesis (`data`): a flipped bit, up to
+    16 inserted bytes, or up to 16 deleted bytes each."""
+    from hypothesis import strategies as st
+    buf = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, max_edits))):
+        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        pos = data.draw(st.integers(0, len(buf) - 1))
+        if op == "flip":
+            buf[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+        else:
+            del buf[pos:pos + data.draw(st.integers(1, 16))]
+    return bytes(buf)

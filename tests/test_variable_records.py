@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import variable_type
-from conftest import fp32_model
+from conftest import fp32_model, mutated
 from firmware_sim.board import Board
 from firmware_sim.sources import BytesSource
 from formats import stream as S
@@ -205,31 +205,22 @@ def qx_stream():
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_qx_stream_mutations_end_in_ok_or_a_clear_error(qx_stream, tmp_path_factory, data):
-    buf = bytearray(qx_stream)
-    for _ in range(data.draw(st.integers(1, 3))):
-        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
-        pos = data.draw(st.integers(0, len(buf) - 1))
-        if op == "flip":
-            buf[pos] ^= 1 << data.draw(st.integers(0, 7))
-        elif op == "insert":
-            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
-        else:
-            del buf[pos:pos + data.draw(st.integers(1, 16))]
+    buf = mutated(qx_stream, data, 3)
     path = tmp_path_factory.mktemp("m") / "m.rwks"
-    path.write_bytes(bytes(buf))
+    path.write_bytes(buf)
     try:
         validate(path, deep=True)
-        assert bytes(buf) == qx_stream
+        assert buf == qx_stream
     except CheckFailed as e:
         assert "\n" not in e.line()
     board_ok = True
     try:
-        board = Board(BytesSource(bytes(buf)), chunk=256)
+        board = Board(BytesSource(buf), chunk=256)
         board.eval(1)
     except BadInput as e:
         board_ok = False
         assert "\n" not in e.line()
-    assert board_ok or bytes(buf) != qx_stream
+    assert board_ok or buf != qx_stream
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
