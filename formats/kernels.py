@@ -1083,6 +1083,21 @@ def _bad_arrays(what: str, **arrays) -> BadInput:
                     + ("; ".join(got) or "arguments of the wrong kind"))
 
 
+def check_run(name: str, buf, block_bytes: int, n_blocks: int, first_block: int,
+              blocks_per_row: int, out) -> None:
+    """A matvec run's block range against its buffer and output (every fixed-size type)."""
+    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
+        raise BadInput(f"matvec {name}: bad block range (n_blocks={n_blocks}, "
+                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
+    if len(buf) < n_blocks * block_bytes:
+        raise BadInput(f"matvec {name}: {n_blocks} blocks need {n_blocks * block_bytes} bytes, "
+                       f"the buffer holds {len(buf)}")
+    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
+        raise BadInput(f"matvec {name}: blocks {first_block}..{first_block + n_blocks - 1} reach "
+                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
+                       f"{len(out)} rows")
+
+
 def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
                   first_block: int, blocks_per_row: int, xf: np.ndarray, xq: np.ndarray,
                   xd: np.ndarray, xs: np.ndarray, out: np.ndarray,
@@ -1106,16 +1121,7 @@ def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
     if spec is None:
         _dot_type("matvec", type_id)                  # raises
     name, bs, bb = spec
-    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
-        raise BadInput(f"matvec {name}: bad block range (n_blocks={n_blocks}, "
-                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
-    if len(buf) < n_blocks * bb:
-        raise BadInput(f"matvec {name}: {n_blocks} blocks need {n_blocks * bb} bytes, "
-                       f"the buffer holds {len(buf)}")
-    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
-        raise BadInput(f"matvec {name}: blocks {first_block}..{first_block + n_blocks - 1} reach "
-                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
-                       f"{len(out)} rows")
+    check_run(name, buf, bb, n_blocks, first_block, blocks_per_row, out)
     n_in = blocks_per_row * bs
     if bs == 1 or not int8_mode:
         if len(xf) < n_in:

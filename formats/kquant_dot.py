@@ -58,7 +58,7 @@ from numba import types
 from . import kquants
 from .errors import BadInput
 from .jit import kernel
-from .kernels import _at, _f16_bits_to_f32, _ro, _rw
+from .kernels import _at, _bad_arrays, _f16_bits_to_f32, _ro, _rw, check_run
 from .kquants import _nearest_int, _q3_scale, _scale_min_k4
 
 QK_K = 256
@@ -330,25 +330,6 @@ def _spec(what: str, type_id):
     return spec
 
 
-_WANT = {"buf": "uint8", "x": "float32", "xf": "float32", "xq": "int8", "xd": "float32",
-         "xs": "float32", "out": "float32"}
-
-
-def _bad_arrays(what: str, outputs, **arrays) -> BadInput:
-    got = []
-    for name, a in arrays.items():
-        if not isinstance(a, np.ndarray):
-            got.append(f"{name} is {type(a).__name__}")
-        elif a.dtype != _WANT[name] or a.ndim != 1 or not a.flags.c_contiguous:
-            got.append(f"{name} is {a.dtype} of shape {a.shape}"
-                       + ("" if a.flags.c_contiguous else ", not contiguous"))
-        elif name in outputs and not a.flags.writeable:
-            got.append(f"{name} is read-only")
-    need = ", ".join(f"{k} {_WANT[k]}" for k in arrays)
-    return BadInput(f"{what} needs 1-D C-contiguous arrays ({need}; outputs writable): "
-                    + ("; ".join(got) or "arguments of the wrong kind"))
-
-
 def prepare_activation(type_id: int, int8_mode: bool, x: np.ndarray, xf: np.ndarray,
                        xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
     """Fill the preallocated buffers with the activation x (float32[n], n a multiple of 256)
@@ -368,8 +349,7 @@ def prepare_activation(type_id: int, int8_mode: bool, x: np.ndarray, xf: np.ndar
     try:
         _compiled("prepare")(bool(int8_mode), x, xf, xq, xd, xs)
     except TypeError:
-        raise _bad_arrays("prepare_activation", ("xf", "xq", "xd", "xs"), x=x, xf=xf, xq=xq,
-                          xd=xd, xs=xs) from None
+        raise _bad_arrays("prepare_activation", x=x, xf=xf, xq=xq, xd=xd, xs=xs) from None
 
 
 def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
@@ -382,16 +362,7 @@ def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
     end anywhere; row_state is ignored. xf/xq/xd/xs: what prepare_activation filled for the
     same type and mode (only those the mode reads are checked for size)."""
     name, kind, bb = _spec("matvec", type_id)
-    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
-        raise BadInput(f"matvec {name}: bad block range (n_blocks={n_blocks}, "
-                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
-    if len(buf) < n_blocks * bb:
-        raise BadInput(f"matvec {name}: {n_blocks} blocks need {n_blocks * bb} bytes, "
-                       f"the buffer holds {len(buf)}")
-    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
-        raise BadInput(f"matvec {name}: blocks {first_block}..{first_block + n_blocks - 1} reach "
-                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
-                       f"{len(out)} rows")
+    check_run(name, buf, bb, n_blocks, first_block, blocks_per_row, out)
     n_in = blocks_per_row * QK_K
     if not int8_mode:
         if len(xf) < n_in:
@@ -404,8 +375,7 @@ def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
         _compiled("matvec")(kind, bool(int8_mode), buf, n_blocks, first_block, blocks_per_row,
                             xf, xq, xd, xs, out)
     except TypeError:
-        raise _bad_arrays("matvec", ("out",), buf=buf, xf=xf, xq=xq, xd=xd, xs=xs,
-                          out=out) from None
+        raise _bad_arrays("matvec", buf=buf, xf=xf, xq=xq, xd=xd, xs=xs, out=out) from None
 
 
 def dequantize_into(type_id: int, buf: np.ndarray, out: np.ndarray) -> None:
@@ -421,4 +391,4 @@ def dequantize_into(type_id: int, buf: np.ndarray, out: np.ndarray) -> None:
     try:
         _compiled("dequantize_into")(kind, buf, nb, out)
     except TypeError:
-        raise _bad_arrays("dequantize_into", ("out",), buf=buf, out=out) from None
+        raise _bad_arrays("dequantize_into", buf=buf, out=out) from None
