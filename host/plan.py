@@ -72,6 +72,11 @@ def _quantize_rule(t: ModelTensor) -> bool:
             and not any(s in t.name for s in _QUANT_EXCLUDED))
 
 
+def quantizable(model: Model) -> list[str]:
+    """The tensors `--quant` applies to (rwkv.cpp's quantize rule), in forward order."""
+    return [t.name for t in model if _quantize_rule(t)]
+
+
 def _kept_type(t: ModelTensor) -> QuantType:
     """The type a tensor keeps when the target does not apply to it: the source's, as rwkv.cpp
     keeps it; a transformed or bf16 tensor takes what rwkv.cpp's converter would have written."""
@@ -116,7 +121,7 @@ def make_plan(model: Model, quant: str | QuantType | None, overrides=(), importa
     plan = Plan((t.name, default_type(t, target) if target else t.source_type) for t in model)
     plan.importance = importance
     if budget is not None:
-        names = [t.name for t in model if _quantize_rule(t)]
+        names = quantizable(model)
         tokens = None
         if calib_text is not None:
             from .quality import _tokens

@@ -13,7 +13,7 @@ from firmware_sim.sources import VirtualSource
 from formats.errors import BadInput, UsageError
 
 from .model import load_model
-from .plan import make_plan
+from .plan import make_plan, quantizable
 from .quality import DEFAULT_COLUMNS, _tokens, compare, run_logits
 from .stream import VirtualStream
 
@@ -37,7 +37,7 @@ def sweep(model_path, text, settings=SETTINGS, *, tokenizer=None, limit=None,
     tokens, tok = _tokens(text, model.hparams.n_vocab, tokenizer, limit)
     f32 = make_plan(model, "F32")
     ref = run_logits(VirtualSource(VirtualStream(model, f32)), tokens, "float", columns)
-    quantized = [n for n, q in make_plan(model, "Q8_0").items() if q.name == "Q8_0"]
+    quantized = quantizable(model)
     n_weights = sum(math.prod(model[n].shape) for n in quantized)
     rows = []
     for setting in settings:
