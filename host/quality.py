@@ -41,6 +41,14 @@ def _tokens(path, n_vocab: int, tokenizer: str | None, limit: int | None) -> tup
     return tokens, tok
 
 
+def stream_hparams(source):
+    """The header's hyper-parameters (what a board reads first), without making a board."""
+    from firmware_sim.board import MIN_CHUNK, read_stream_info
+    from formats.board_constants import HEADER_FIXED_SIZE
+    fixed, buf = np.zeros(HEADER_FIXED_SIZE, np.uint8), np.zeros(MIN_CHUNK, np.uint8)
+    return read_stream_info(source, fixed, buf).hparams
+
+
 def run_logits(source, tokens, mode: str = "float", columns: int = DEFAULT_COLUMNS,
                observe=None) -> np.ndarray:
     """(T, n_vocab) logits after every token, from a fresh state."""
@@ -99,7 +107,7 @@ def evaluate(model, text, *, quant=None, overrides=(), mode="float", reference=N
     """eval's result. The reference is `reference` (a checkpoint) or MODEL itself when it is a
     checkpoint, run as F32 in float mode."""
     source = open_source(model, quant, overrides, importance, calib_text)
-    hp = Board(source, logits=False).hp          # a board reads the header: n_vocab, version
+    hp = stream_hparams(source)
     tokens, tok = _tokens(text, hp.n_vocab, tokenizer, limit)
     logits = run_logits(source, tokens, mode, columns)
     ref_path = reference or (None if is_stream(model) else model)
@@ -119,7 +127,7 @@ def calibrate(model, text, out, *, quant=None, columns=DEFAULT_COLUMNS, tokenize
               limit=None) -> dict:
     """Mean squared input activation per column of every matrix, saved to `out` (.npz)."""
     source = open_source(model, quant)
-    hp = Board(source, logits=False).hp
+    hp = stream_hparams(source)
     tokens, _ = _tokens(text, hp.n_vocab, tokenizer, limit)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
