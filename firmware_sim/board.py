@@ -420,10 +420,11 @@ class Board:
         out[:] = 0
         bpr = n // q.block_size
         first = 0
+        runs = [q.matvec_runner(self.int8, bpr, xf[j], xq[j], xd[j], xs[j], out[j], lanes[j])
+                for j in range(k)]
         for view, nb in self._blocks(q, out.shape[1] * bpr):
-            for j in range(k):
-                q.matvec_blocks(self.int8, view, nb, first, bpr, xf[j], xq[j], xd[j], xs[j],
-                                out[j], lanes[j])
+            for run in runs:
+                run(view, nb, first)
             first += nb
 
     def sample_head(self, suffix: str, x: np.ndarray) -> int:
@@ -450,8 +451,9 @@ class Board:
             out = window[:rows]
             out[:] = 0
             first = 0
+            run = q.matvec_runner(self.int8, bpr, xf, xq, xd, xs, out, lanes)
             for view, nb in self._blocks(q, rows * bpr):
-                q.matvec_blocks(self.int8, view, nb, first, bpr, xf, xq, xd, xs, out, lanes)
+                run(view, nb, first)
                 first += nb
             if self.top_k:      # merge this window into the running top k
                 vals = np.concatenate([top[:kept], out])

@@ -747,12 +747,45 @@ def _element_intrinsics(type_id):
 
         return sig, codegen
 
-    return weight, serial8, lanes_fma
+    @intrinsic
+    def lanes_run(typingctx, state, buf, o, xf, c, n):
+        """lanes_fma over n whole 32-column groups (columns c .. c+32n, c % 32 == 0, weights
+        from buf[o:]): the same FMAs in the same order, but the loop is in the IR, so the four
+        8-lane accumulators stay in registers instead of going through state every 8 weights."""
+        sig = types.void(state, buf, types.int64, xf, types.int64, types.int64)
+        width = {T_F32: 4, T_F16: 2}[type_id]
+
+        def codegen(context, builder, sig, args):
+            state, buf, o, xf, c, n = args
+            v8, d8 = _vt(_F32, 8), _vt(_F64, 8)
+            accs = []
+            for j in range(4):
+                p = _data_ptr(context, builder, sig.args[0], state, 8 * j)
+                accs.append(cgutils.alloca_once_value(builder,
+                                                      builder.fptrunc(_load(builder, p, d8), v8)))
+            with cgutils.for_range(builder, n) as loop:
+                g = builder.mul(loop.index, ir.Constant(_I64, 32))
+                for j in range(4):
+                    e = builder.add(g, ir.Constant(_I64, 8 * j))
+                    wo = builder.add(o, builder.mul(e, ir.Constant(_I64, width)))
+                    w = _emit_element_weights(
+                        builder, _data_ptr(context, builder, sig.args[1], buf, wo), type_id, 8)
+                    x = _load(builder, _data_ptr(context, builder, sig.args[3], xf,
+                                                 builder.add(c, e)), v8)
+                    builder.store(_fma(builder, w, x, builder.load(accs[j])), accs[j])
+            for j in range(4):
+                _store(builder, builder.fpext(builder.load(accs[j]), d8),
+                       _data_ptr(context, builder, sig.args[0], state, 8 * j))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return weight, serial8, lanes_fma, lanes_run
 
 
-_w_f32, _f32x8, _f32_lanes = _element_intrinsics(T_F32)
-_w_f16, _f16x8, _f16_lanes = _element_intrinsics(T_F16)
-_w_bf16, _bf16x8, _ = _element_intrinsics(T_BF16)
+_w_f32, _f32x8, _f32_lanes, _f32_run = _element_intrinsics(T_F32)
+_w_f16, _f16x8, _f16_lanes, _f16_run = _element_intrinsics(T_F16)
+_w_bf16, _bf16x8, _, _ = _element_intrinsics(T_BF16)
 
 
 @intrinsic
@@ -844,7 +877,14 @@ def _matvec_kernel(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_ro
                 c = c0
                 stop = min(end, n_left)
                 while c < stop:
-                    if c % 8 == 0 and c + 8 <= stop:
+                    if c % 32 == 0 and c + 32 <= stop:
+                        n32 = (stop - c) // 32
+                        if type_id == T_F32:
+                            _f32_run(state, buf, o + 4 * (c - c0), xf, c, n32)
+                        else:
+                            _f16_run(state, buf, o + 2 * (c - c0), xf, c, n32)
+                        c += 32 * n32
+                    elif c % 8 == 0 and c + 8 <= stop:
                         if type_id == T_F32:
                             _f32_lanes(state, c % 32, buf, o + 4 * (c - c0), xf, c, 8)
                         else:
@@ -1117,12 +1157,30 @@ def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
     four are passed whatever the type (with the right dtypes), but only those the type and mode
     read are checked for size.
     """
+    matvec_runner(type_id, int8_mode, blocks_per_row, xf, xq, xd, xs, out, row_state)(
+        buf, n_blocks, first_block)
+
+
+def matvec_runner(type_id: int, int8_mode: bool, blocks_per_row: int, xf: np.ndarray,
+                  xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray,
+                  row_state: np.ndarray | None = None):
+    """matvec_blocks with the matrix fixed: run(buf, n_blocks, first_block) for each run of its
+    blocks. What stays the same for a whole matrix is checked once, here; each run checks only
+    its own block range (a board calls this once per chunk, thousands of times per token)."""
     spec = _DOT_TYPES.get(type_id)
     if spec is None:
         _dot_type("matvec", type_id)                  # raises
     name, bs, bb = spec
-    check_run(name, buf, bb, n_blocks, first_block, blocks_per_row, out)
     n_in = blocks_per_row * bs
+    if row_state is None:
+        row_state = _ROW_STATE
+    arrays = dict(xf=xf, xq=xq, xd=xd, xs=xs, out=out, row_state=row_state)
+    want = {"xf": np.float32, "xq": np.int8, "xd": np.float32, "xs": np.float32,
+            "out": np.float32, "row_state": np.float64}
+    if any(not isinstance(a, np.ndarray) or a.dtype != want[k] or a.ndim != 1
+           or not a.flags.c_contiguous for k, a in arrays.items()) \
+            or not (out.flags.writeable and row_state.flags.writeable):
+        raise _bad_arrays("matvec", **arrays)
     if bs == 1 or not int8_mode:
         if len(xf) < n_in:
             raise BadInput(f"matvec {name}: rows of {n_in} need xf of {n_in}, got {len(xf)}")
@@ -1130,22 +1188,25 @@ def matvec_blocks(type_id: int, int8_mode: bool, buf: np.ndarray, n_blocks: int,
           or (type_id in (T_Q4_1, T_Q5_1) and len(xs) < blocks_per_row)):
         raise BadInput(f"matvec {name}: rows of {n_in} need xq of {n_in} and xd/xs of "
                        f"{blocks_per_row}, got {len(xq)}, {len(xd)}, {len(xs)}")
-    if row_state is None:
-        row_state = _ROW_STATE
-    elif len(row_state) < ROW_STATE_SIZE:
+    if len(row_state) < ROW_STATE_SIZE:
         raise BadInput(f"matvec {name}: row_state needs {ROW_STATE_SIZE} float64s, "
                        f"got {len(row_state)}")
-    try:
-        status = (_matvec or _compiled("matvec"))(
-            type_id, bool(int8_mode), buf, n_blocks, first_block, blocks_per_row, xf, xq, xd,
-            xs, out, row_state)
-    except TypeError:
-        raise _bad_arrays("matvec", buf=buf, xf=xf, xq=xq, xd=xd, xs=xs, out=out,
-                          row_state=row_state) from None
-    if status:
-        raise BadInput(f"matvec {name} (int8 mode): block {first_block} is in the middle of row "
-                       f"{first_block // blocks_per_row}, but the previous run did not end just "
-                       f"before it in this matrix (runs of a row must follow each other)")
+    kern = _matvec or _compiled("matvec")
+    int8_mode = bool(int8_mode)
+
+    def run(buf: np.ndarray, n_blocks: int, first_block: int) -> None:
+        check_run(name, buf, bb, n_blocks, first_block, blocks_per_row, out)
+        try:
+            status = kern(type_id, int8_mode, buf, n_blocks, first_block, blocks_per_row, xf,
+                          xq, xd, xs, out, row_state)
+        except TypeError:
+            raise _bad_arrays("matvec", buf=buf, **arrays) from None
+        if status:
+            raise BadInput(f"matvec {name} (int8 mode): block {first_block} is in the middle "
+                           f"of row {first_block // blocks_per_row}, but the previous run did "
+                           f"not end just before it in this matrix (runs of a row must follow "
+                           f"each other)")
+    return run
 
 
 def prepare_activation(type_id: int, int8_mode: bool, x: np.ndarray, xf: np.ndarray,

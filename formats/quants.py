@@ -78,12 +78,16 @@ class BoardOps:
       dequantize_into(buf, out)
       count_blocks(buf, max_blocks) -> (n_blocks, n_bytes): variable-size types only -- how
           many whole blocks start `buf`, and their bytes (a block's size is in its own header).
+      matvec_runner(int8_mode, blocks_per_row, xf, xq, xd, xs, out, row_state)
+          -> run(buf, n_blocks, first_block): optional, matvec_blocks with the matrix's own
+          arguments checked once instead of for every chunk.
     """
 
     prepare_activation: Callable
     matvec_blocks: Callable
     dequantize_into: Callable
     count_blocks: Callable | None = None
+    matvec_runner: Callable | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +95,8 @@ def _ggml_ops(type_id: int) -> BoardOps:
     return BoardOps(
         lambda *a: kernels.prepare_activation(type_id, *a),
         lambda *a: kernels.matvec_blocks(type_id, *a),
-        lambda buf, out: kernels.dequantize_into(type_id, buf, out))
+        lambda buf, out: kernels.dequantize_into(type_id, buf, out),
+        matvec_runner=lambda *a: kernels.matvec_runner(type_id, *a))
 
 
 def _kquant_ops(type_id: int) -> BoardOps:
@@ -248,6 +253,16 @@ class QuantType:
         `row_state` carries a row cut by a run boundary to the next run (int8 mode)."""
         self.board_ops.matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row,
                                      xf, xq, xd, xs, out, row_state)
+
+    def matvec_runner(self, int8_mode: bool, blocks_per_row: int, xf, xq, xd, xs, out,
+                      row_state=None) -> Callable:
+        """run(buf, n_blocks, first_block): matvec_blocks for the runs of one matrix."""
+        ops = self.board_ops
+        if ops.matvec_runner is not None:
+            return ops.matvec_runner(int8_mode, blocks_per_row, xf, xq, xd, xs, out, row_state)
+        return lambda buf, n_blocks, first_block: ops.matvec_blocks(
+            int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs, out,
+            row_state)
 
     def count_blocks(self, buf, max_blocks: int) -> tuple[int, int]:
         """(whole blocks at the start of buf, their bytes), at most max_blocks of them."""
