@@ -53,12 +53,16 @@ wrappers validate sizes and never allocate.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import kquants
 from .errors import BadInput
 from .jit import kernel
-from .kernels import _at, _bad_arrays, _f16_bits_to_f32, _ro, _rw, check_run
+from .kernels import (_F32, _I32, _I64, _at, _bad_arrays, _data_ptr, _f16_bits_to_f32, _load,
+                      _ro, _rw, _splat, _store, _vt, check_run)
 from .kquants import _nearest_int, _q3_scale, _scale_min_k4
 
 QK_K = 256
@@ -81,98 +85,156 @@ def _half(buf, o):
 
 
 @kernel
-def _unpack(buf, o, kind, q, sc, mn):
-    """The block at buf[o:] as integers: q[e] (e < 256) its quant as the dot uses it (Q2_K
-    0..3, Q3_K -4..3, Q4_K 0..15, Q5_K 0..31, Q6_K -32..31); sc[g] and mn[g] the scale and
-    min of 16-group g (Q3_K: scale - 32; Q6_K: the int8 scale; Q4_K/Q5_K: the 32-group's
-    6-bit values, repeated for its two 16-groups; mn = 0 for Q3_K/Q6_K). Returns (d, dmin) as
-    float32 (dmin = 0 for Q3_K/Q6_K). Branch-free int32 loops: they run for every block."""
+def _scales(buf, o, kind, sc, mn):
+    """sc[g] and mn[g], the scale and min of 16-group g of the block at buf[o:] (Q3_K: scale -
+    32; Q6_K: the int8 scale; Q4_K/Q5_K: the 32-group's 6-bit values, repeated for its two
+    16-groups; mn = 0 for Q3_K/Q6_K). Returns (d, dmin) as float32 (dmin = 0 for Q3_K/Q6_K)."""
     if kind == 0:                                    # Q2_K
         for g in range(16):
             s = np.int32(buf[o + g])
             sc[g] = s & 0xF
             mn[g] = s >> 4
-        for h in range(2):
-            for ll in range(32):
-                b = np.int32(buf[o + 16 + 32 * h + ll])
-                e = 128 * h + ll
-                q[e] = b & 3
-                q[e + 32] = (b >> 2) & 3
-                q[e + 64] = (b >> 4) & 3
-                q[e + 96] = (b >> 6) & 3
         return _half(buf, o + 80), _half(buf, o + 82)
     if kind == 1:                                    # Q3_K
         for g in range(16):
             sc[g] = _q3_scale(buf, o + 96, g) - 32
             mn[g] = 0
-        for h in range(2):
-            for ll in range(32):
-                b = np.int32(buf[o + 32 + 32 * h + ll])
-                hm = np.int32(buf[o + ll]) >> (4 * h)       # bits 4h..4h+3: the four quarters
-                e = 128 * h + ll
-                q[e] = (b & 3) - ((~hm & 1) << 2)
-                q[e + 32] = ((b >> 2) & 3) - ((~hm & 2) << 1)
-                q[e + 64] = ((b >> 4) & 3) - (~hm & 4)
-                q[e + 96] = ((b >> 6) & 3) - ((~hm & 8) >> 1)
         return _half(buf, o + 108), _F0
     if kind == 4:                                    # Q6_K
         for g in range(16):
             s = np.int32(buf[o + 192 + g])
             sc[g] = s - ((s & 128) << 1)
             mn[g] = 0
-        for h in range(2):
-            ql = o + 64 * h
-            qh = o + 128 + 32 * h
-            for ll in range(32):
-                lo0 = np.int32(buf[ql + ll])
-                lo1 = np.int32(buf[ql + ll + 32])
-                hi = np.int32(buf[qh + ll])
-                e = 128 * h + ll
-                q[e] = ((lo0 & 0xF) | ((hi & 3) << 4)) - 32
-                q[e + 32] = ((lo1 & 0xF) | ((hi & 12) << 2)) - 32
-                q[e + 64] = ((lo0 >> 4) | (hi & 48)) - 32
-                q[e + 96] = ((lo1 >> 4) | ((hi >> 2) & 48)) - 32
         return _half(buf, o + 208), _F0
-    # Q4_K / Q5_K
-    for j in range(8):
+    for j in range(8):                               # Q4_K / Q5_K
         s, m = _scale_min_k4(j, buf, o + 4)
         sc[2 * j] = s
         sc[2 * j + 1] = s
         mn[2 * j] = m
         mn[2 * j + 1] = m
-    if kind == 3:
-        for h in range(4):
-            for ll in range(32):
-                byte = np.int32(buf[o + 48 + 32 * h + ll])
-                hb = np.int32(buf[o + 16 + ll]) >> (2 * h)
-                q[64 * h + ll] = (byte & 0xF) | ((hb & 1) << 4)
-                q[64 * h + 32 + ll] = (byte >> 4) | ((hb & 2) << 3)
-    else:
-        for h in range(4):
-            for ll in range(32):
-                byte = np.int32(buf[o + 16 + 32 * h + ll])
-                q[64 * h + ll] = byte & 0xF
-                q[64 * h + 32 + ll] = byte >> 4
     return _half(buf, o), _half(buf, o + 2)
 
 
-@kernel
-def _wx(q, e, a, m, xf, xi):
-    """float mode: element e's product, w*x with w = a*q - m (ggml's dequantization)."""
-    return (a * np.float32(_at(q, e)) - m) * _at(xf, xi + e)
+# The dot of one unpacked block as straight-line vector IR: the 8 lanes are one <8 x float>
+# (<8 x i32>) in a register, lane l taking elements l, l+8, l+16, ... in increasing order,
+# which is the order the module header specifies, so the vectors change nothing but speed.
+
+def _bytes8(context, builder, bt, buf, o, at):
+    """buf[o+at : o+at+8] as <8 x i32> (unsigned bytes)."""
+    p = _data_ptr(context, builder, bt, buf, builder.add(o, ir.Constant(_I64, at)))
+    return builder.zext(_load(builder, p, _vt(ir.IntType(8), 8)), _vt(_I32, 8))
 
 
-@kernel
-def _sqx(q, e, s, xq, xi):
-    """int8 mode: element e's term, scale * (q * q8) (exact)."""
-    return s * (_at(q, e) * np.int32(_at(xq, xi + e)))
+def _bits(builder, v, shift, mask):
+    """(v >> shift) & mask, lane-wise on <8 x i32>."""
+    if shift:
+        v = builder.lshr(v, _splat(builder, ir.Constant(_I32, shift), 8))
+    return builder.and_(v, _splat(builder, ir.Constant(_I32, mask), 8))
+
+
+def _quants8(context, builder, kind, bt, buf, o, e):
+    """Elements e .. e+7 (e % 8 == 0) of the block at buf[o:] as <8 x i32>, as the dot uses
+    them (Q2_K 0..3, Q3_K -4..3, Q4_K 0..15, Q5_K 0..31, Q6_K -32..31): ggml's layouts
+    (formats/kquants.py), each 8 consecutive elements being 8 consecutive bytes of a plane."""
+    def plane(at, shift, mask):
+        return _bits(builder, _bytes8(context, builder, bt, buf, o, at), shift, mask)
+
+    if kind in (0, 1, 4):            # 128-element halves h, four 32-quarters j, ll in a quarter
+        h, j, ll = e // 128, (e % 128) // 32, e % 32
+        if kind == 0:                                # Q2_K: 2 bits at 2j of qs[32h + ll]
+            return plane(16 + 32 * h + ll, 2 * j, 3)
+        if kind == 1:                                # Q3_K: minus 4 where hmask bit is clear
+            lo = plane(32 + 32 * h + ll, 2 * j, 3)
+            hm = plane(ll, 4 * h + j, 1)
+            return builder.sub(lo, builder.shl(builder.xor(hm, _splat(
+                builder, ir.Constant(_I32, 1), 8)), _splat(builder, ir.Constant(_I32, 2), 8)))
+        lo = plane(64 * h + 32 * (j % 2) + ll, 4 * (j // 2), 0xF)     # Q6_K
+        hi = plane(128 + 32 * h + ll, 2 * j, 3)
+        q = builder.or_(lo, builder.shl(hi, _splat(builder, ir.Constant(_I32, 4), 8)))
+        return builder.sub(q, _splat(builder, ir.Constant(_I32, 32), 8))
+    h, hi_nib, ll = e // 64, (e % 64) // 32, e % 32  # Q4_K / Q5_K: 64-element pieces
+    qs = 16 if kind == 2 else 48
+    q = plane(qs + 32 * h + ll, 4 * hi_nib, 0xF)
+    if kind == 3:
+        q = builder.or_(q, builder.shl(plane(16 + ll, 2 * h + hi_nib, 1),
+                                       _splat(builder, ir.Constant(_I32, 4), 8)))
+    return q
+
+
+def _scalar(context, builder, at, a, i):
+    return builder.load(_data_ptr(context, builder, at, a, i))
+
+
+@intrinsic
+def _block_float(typingctx, kind, buf, o, sc, mn, d, dmin, xf, x0):
+    """float mode: the value of the block at buf[o:] (kind: a literal), ((l0+l4)+(l2+l6)) +
+    ((l1+l5)+(l3+l7)) of the lanes l += (d*sc[g]*q - dmin*mn[g]) * x, element by element."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    k = kind.literal_value
+    sig = types.float32(kind, buf, types.int64, sc, mn, types.float32, types.float32, xf,
+                        types.int64)
+
+    def codegen(context, builder, sig, args):
+        _, buf, o, sc, mn, d, dmin, xf, x0 = args
+        _, bt, _, sct, mnt, _, _, xft, _ = sig.args
+        v8 = _vt(_F32, 8)
+        acc = ir.Constant(v8, [0.0] * 8)
+        for g in range(16):
+            gi = ir.Constant(_I64, g)
+            a = builder.fmul(d, builder.sitofp(_scalar(context, builder, sct, sc, gi), _F32))
+            m = builder.fmul(dmin, builder.sitofp(_scalar(context, builder, mnt, mn, gi), _F32))
+            for h in range(2):
+                e = 16 * g + 8 * h
+                w = builder.fsub(builder.fmul(_splat(builder, a, 8), builder.sitofp(
+                    _quants8(context, builder, k, bt, buf, o, e), v8)), _splat(builder, m, 8))
+                x = _load(builder, _data_ptr(context, builder, xft, xf,
+                                             builder.add(x0, ir.Constant(_I64, e))), v8)
+                acc = builder.fadd(acc, builder.fmul(w, x))
+        lane = [builder.extract_element(acc, ir.Constant(_I32, i)) for i in range(8)]
+        return builder.fadd(builder.fadd(builder.fadd(lane[0], lane[4]),
+                                         builder.fadd(lane[2], lane[6])),
+                            builder.fadd(builder.fadd(lane[1], lane[5]),
+                                         builder.fadd(lane[3], lane[7])))
+
+    return sig, codegen
+
+
+@intrinsic
+def _block_int(typingctx, kind, buf, o, sc, xq, x0, lanes):
+    """int8 mode: lanes[0:8] = the 8 integer lanes of the block at buf[o:] (kind: a literal),
+    lane l = sum of sc[g]*(q*q8) over the elements e = l mod 8 (exact int32, so their order
+    does not matter)."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    k = kind.literal_value
+    sig = types.void(kind, buf, types.int64, sc, xq, types.int64, lanes)
+
+    def codegen(context, builder, sig, args):
+        _, buf, o, sc, xq, x0, lanes = args
+        _, bt, _, sct, xqt, _, lt = sig.args
+        i8 = _vt(_I32, 8)
+        acc = ir.Constant(i8, [0] * 8)
+        for g in range(16):
+            s = _splat(builder, _scalar(context, builder, sct, sc, ir.Constant(_I64, g)), 8)
+            for h in range(2):
+                e = 16 * g + 8 * h
+                x = builder.sext(_load(builder, _data_ptr(
+                    context, builder, xqt, xq, builder.add(x0, ir.Constant(_I64, e))),
+                    _vt(ir.IntType(8), 8)), i8)
+                prod = builder.mul(_quants8(context, builder, k, bt, buf, o, e), x)
+                acc = builder.add(acc, builder.mul(s, prod))
+        _store(builder, acc, _data_ptr(context, builder, lt, lanes, ir.Constant(_I64, 0)))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @kernel
 def _matvec_kernel(kind, int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq, xd, xs,
                    out):
-    """The n_blocks blocks in buf (global blocks first_block, ...) into out (module header).
-    The 8 lanes are scalars (in registers), each row of 8 elements adds one term to each."""
+    """The n_blocks blocks in buf (global blocks first_block, ...) into out (module header):
+    each block's scales unpacked, then its quants decoded and dotted by the intrinsics above."""
     if kind == 0:
         bb = 84
     elif kind == 1:
@@ -183,45 +245,42 @@ def _matvec_kernel(kind, int8_mode, buf, n_blocks, first_block, blocks_per_row, 
         bb = 176
     else:
         bb = 210
-    q = np.empty(QK_K, np.int32)
     sc = np.empty(16, np.int32)
     mn = np.empty(16, np.int32)
+    lanes = np.empty(8, np.int32)
     for k in range(n_blocks):
         blk = first_block + k
         row = blk // blocks_per_row
         c = blk - row * blocks_per_row              # column block: activation x[256c:256c+256]
         x0 = QK_K * c
-        d, dmin = _unpack(buf, k * bb, kind, q, sc, mn)
+        o = k * bb
+        d, dmin = _scales(buf, o, kind, sc, mn)
         if not int8_mode:
-            f0 = f1 = f2 = f3 = f4 = f5 = f6 = f7 = _F0
-            for g in range(16):
-                a = d * np.float32(sc[g])
-                m = dmin * np.float32(mn[g])
-                for e in range(16 * g, 16 * g + 16, 8):
-                    f0 += _wx(q, e, a, m, xf, x0)
-                    f1 += _wx(q, e + 1, a, m, xf, x0)
-                    f2 += _wx(q, e + 2, a, m, xf, x0)
-                    f3 += _wx(q, e + 3, a, m, xf, x0)
-                    f4 += _wx(q, e + 4, a, m, xf, x0)
-                    f5 += _wx(q, e + 5, a, m, xf, x0)
-                    f6 += _wx(q, e + 6, a, m, xf, x0)
-                    f7 += _wx(q, e + 7, a, m, xf, x0)
-            out[row] += ((f0 + f4) + (f2 + f6)) + ((f1 + f5) + (f3 + f7))
+            if kind == 0:                            # the IR is specialised per layout
+                t = _block_float(0, buf, o, sc, mn, d, dmin, xf, x0)
+            elif kind == 1:
+                t = _block_float(1, buf, o, sc, mn, d, dmin, xf, x0)
+            elif kind == 2:
+                t = _block_float(2, buf, o, sc, mn, d, dmin, xf, x0)
+            elif kind == 3:
+                t = _block_float(3, buf, o, sc, mn, d, dmin, xf, x0)
+            else:
+                t = _block_float(4, buf, o, sc, mn, d, dmin, xf, x0)
+            out[row] += t
             continue
         yd = xd[c]
-        # the 8 integer lanes (exact; Q2_K sums them: its isum)
-        i0 = i1 = i2 = i3 = i4 = i5 = i6 = i7 = np.int32(0)
-        for g in range(16):
-            s = sc[g]
-            for e in range(16 * g, 16 * g + 16, 8):
-                i0 += _sqx(q, e, s, xq, x0)
-                i1 += _sqx(q, e + 1, s, xq, x0)
-                i2 += _sqx(q, e + 2, s, xq, x0)
-                i3 += _sqx(q, e + 3, s, xq, x0)
-                i4 += _sqx(q, e + 4, s, xq, x0)
-                i5 += _sqx(q, e + 5, s, xq, x0)
-                i6 += _sqx(q, e + 6, s, xq, x0)
-                i7 += _sqx(q, e + 7, s, xq, x0)
+        if kind == 0:                                # the 8 exact integer lanes
+            _block_int(0, buf, o, sc, xq, x0, lanes)
+        elif kind == 1:
+            _block_int(1, buf, o, sc, xq, x0, lanes)
+        elif kind == 2:
+            _block_int(2, buf, o, sc, xq, x0, lanes)
+        elif kind == 3:
+            _block_int(3, buf, o, sc, xq, x0, lanes)
+        else:
+            _block_int(4, buf, o, sc, xq, x0, lanes)
+        i0, i1, i2, i3, i4, i5, i6, i7 = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4],
+                                          lanes[5], lanes[6], lanes[7])
         if kind == 0:                                # Q2_K
             isum = np.int64(i0) + i1 + i2 + i3 + i4 + i5 + i6 + i7
             summs = np.int64(0)
