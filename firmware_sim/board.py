@@ -385,7 +385,7 @@ class Board:
     def vector(self, suffix: str, out: np.ndarray) -> np.ndarray:
         """Read the next tensor (a small one) whole into `out` (flattened)."""
         q = self._begin(suffix)
-        n = int(np.prod(self.info.shapes[self._record[0]]))
+        n = math.prod(self.info.shapes[self._record[0]])
         out = out.reshape(-1)[:n]
         self._read_blocks_into(q, n // q.block_size, out)
         self._end()
@@ -400,7 +400,7 @@ class Board:
         """The next tensor as consecutive row groups, each with its own input: out_i = W_i @ x_i."""
         q = self._begin(suffix)
         shape = self.info.shapes[self._record[0]]
-        assert sum(o.shape[-1] for _, o in parts) == int(np.prod(shape[:-1])), (shape, suffix)
+        assert sum(o.shape[-1] for _, o in parts) == math.prod(shape[:-1]), (shape, suffix)
         for x, out in parts:
             assert x.shape[-1] == shape[-1] and x.shape[0] == out.shape[0], (x.shape, shape)
             if self.observe is not None:
