@@ -201,22 +201,26 @@ def _block_float(typingctx, kind, buf, o, sc, mn, d, dmin, xf, x0):
 
 
 @intrinsic
-def _block_int(typingctx, kind, buf, o, sc, xq, x0, lanes):
+def _block_int(typingctx, kind, buf, o, sc, mn, xq, x0, lanes):
     """int8 mode: lanes[0:8] = the 8 integer lanes of the block at buf[o:] (kind: a literal),
-    lane l = sum of sc[g]*(q*q8) over the elements e = l mod 8 (exact int32, so their order
-    does not matter)."""
+    lane l = sum of sc[g]*(q*q8) over the elements e = l mod 8; Q2_K also lanes[8:16], the
+    same sums of mn[g]*q8, which add up to its summs. Exact int32, so the order of the terms
+    does not matter."""
     if not isinstance(kind, types.IntegerLiteral):
         return None
     k = kind.literal_value
-    sig = types.void(kind, buf, types.int64, sc, xq, types.int64, lanes)
+    sig = types.void(kind, buf, types.int64, sc, mn, xq, types.int64, lanes)
 
     def codegen(context, builder, sig, args):
-        _, buf, o, sc, xq, x0, lanes = args
-        _, bt, _, sct, xqt, _, lt = sig.args
+        _, buf, o, sc, mn, xq, x0, lanes = args
+        _, bt, _, sct, mnt, xqt, _, lt = sig.args
         i8 = _vt(_I32, 8)
-        acc = ir.Constant(i8, [0] * 8)
+        acc = acc_m = ir.Constant(i8, [0] * 8)
         for g in range(16):
-            s = _splat(builder, _scalar(context, builder, sct, sc, ir.Constant(_I64, g)), 8)
+            gi = ir.Constant(_I64, g)
+            s = _splat(builder, _scalar(context, builder, sct, sc, gi), 8)
+            if k == 0:
+                mv = _splat(builder, _scalar(context, builder, mnt, mn, gi), 8)
             for h in range(2):
                 e = 16 * g + 8 * h
                 x = builder.sext(_load(builder, _data_ptr(
@@ -224,7 +228,11 @@ def _block_int(typingctx, kind, buf, o, sc, xq, x0, lanes):
                     _vt(ir.IntType(8), 8)), i8)
                 prod = builder.mul(_quants8(context, builder, k, bt, buf, o, e), x)
                 acc = builder.add(acc, builder.mul(s, prod))
+                if k == 0:
+                    acc_m = builder.add(acc_m, builder.mul(mv, x))
         _store(builder, acc, _data_ptr(context, builder, lt, lanes, ir.Constant(_I64, 0)))
+        if k == 0:
+            _store(builder, acc_m, _data_ptr(context, builder, lt, lanes, ir.Constant(_I64, 8)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -247,7 +255,7 @@ def _matvec_kernel(kind, int8_mode, buf, n_blocks, first_block, blocks_per_row, 
         bb = 210
     sc = np.empty(16, np.int32)
     mn = np.empty(16, np.int32)
-    lanes = np.empty(8, np.int32)
+    lanes = np.empty(16, np.int32)
     for k in range(n_blocks):
         blk = first_block + k
         row = blk // blocks_per_row
@@ -270,32 +278,29 @@ def _matvec_kernel(kind, int8_mode, buf, n_blocks, first_block, blocks_per_row, 
             continue
         yd = xd[c]
         if kind == 0:                                # the 8 exact integer lanes
-            _block_int(0, buf, o, sc, xq, x0, lanes)
+            _block_int(0, buf, o, sc, mn, xq, x0, lanes)
         elif kind == 1:
-            _block_int(1, buf, o, sc, xq, x0, lanes)
+            _block_int(1, buf, o, sc, mn, xq, x0, lanes)
         elif kind == 2:
-            _block_int(2, buf, o, sc, xq, x0, lanes)
+            _block_int(2, buf, o, sc, mn, xq, x0, lanes)
         elif kind == 3:
-            _block_int(3, buf, o, sc, xq, x0, lanes)
+            _block_int(3, buf, o, sc, mn, xq, x0, lanes)
         else:
-            _block_int(4, buf, o, sc, xq, x0, lanes)
+            _block_int(4, buf, o, sc, mn, xq, x0, lanes)
         i0, i1, i2, i3, i4, i5, i6, i7 = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4],
                                           lanes[5], lanes[6], lanes[7])
         if kind == 0:                                # Q2_K
             isum = np.int64(i0) + i1 + i2 + i3 + i4 + i5 + i6 + i7
             summs = np.int64(0)
-            for g in range(16):
-                bs = np.int32(0)
-                for ll in range(16):
-                    bs += np.int32(xq[x0 + 16 * g + ll])
-                summs += np.int64(bs) * mn[g]
+            for j in range(8, 16):
+                summs += lanes[j]
             v = (yd * d) * np.float32(isum) - (yd * dmin) * np.float32(summs)
         else:
             v = _F0
             if kind == 2 or kind == 3:               # Q4_K / Q5_K: the mins
                 sumi = np.int64(0)
                 for j in range(8):
-                    sumi += np.int64(xs[8 * c + j]) * mn[2 * j]
+                    sumi += np.int64(_at(xs, 8 * c + j)) * mn[2 * j]
                 v = v - (dmin * yd) * np.float32(sumi)
             dd = d * yd
             v = v + dd * np.float32(i0)
