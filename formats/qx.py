@@ -51,7 +51,9 @@ they only break ties).
 Board kernels (BoardOps): `prepare_activation` (xf = x; int8 mode adds ggml's Q8_0 per 32
 elements in xq/xd, and xs[b] = the exact integer sum of xq over block b as float32),
 `matvec_blocks`, `dequantize_into`, `count_blocks`. The 32-element group unpack and dot
-products are LLVM vector IR (formats/kernels.py explains why); the per-block control is numba.
+products are LLVM vector IR (formats/kernels.py explains why), and so are the matvec's loops
+over a class of blocks and its header walk (_fdense_run, _idense_run, _Walker); the chunk and
+class control is numba.
 """
 from __future__ import annotations
 
@@ -363,156 +365,429 @@ def _fill32(typingctx, out, i, v):
     return sig, codegen
 
 
-def _run_header(context, builder, sig, buf, offs, x0s, lst, base, i, w):
-    """For entry i of a block list: (block offset, x0, S flag (i1), d, m, zq (i64), offset of
-    the quants) of a block of width w (1..8): d and m loaded at once (m = -0.0 if S = 1)."""
+def _run_header(context, builder, sig, buf, offs, x0s, lst, base, i, w, sym):
+    """For entry i of a block list: (block index, offset, x0, n_out, d, m, offset of the
+    quants) of a block of width w (1..8) and S = sym (m = -0.0 if S = 1)."""
     bt, ot, xt, lt = sig.args[:4]
     kb = builder.sext(builder.load(_data_ptr(context, builder, lt, lst, builder.add(base, i))),
                       _I64)
     o = builder.load(_data_ptr(context, builder, ot, offs, kb))
     x0 = builder.load(_data_ptr(context, builder, xt, x0s, kb))
     hdr = builder.zext(builder.load(_data_ptr(context, builder, bt, buf, o)), _I64)
-    is_sym = builder.icmp_unsigned("!=", builder.and_(hdr, ir.Constant(_I64, 16)),
-                                   ir.Constant(_I64, 0))
     n_out = builder.lshr(hdr, ir.Constant(_I64, 5))
     h = _load(builder, _data_ptr(context, builder, bt, buf, builder.add(o, ir.Constant(_I64, 1))),
               _vt(K._I16, 2))
     f = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)), _vt(_F32, 2))
     d = builder.extract_element(f, ir.Constant(_I32, 0))
-    m = builder.select(is_sym, ir.Constant(_F32, -0.0),
-                       builder.extract_element(f, ir.Constant(_I32, 1)))
-    zq = builder.select(is_sym, ir.Constant(_I64, 1 << (w - 1)), ir.Constant(_I64, 0))
-    qo = builder.add(builder.add(o, builder.select(is_sym, ir.Constant(_I64, 3),
-                                                   ir.Constant(_I64, 5))),
+    m = (ir.Constant(_F32, -0.0) if sym else builder.extract_element(f, ir.Constant(_I32, 1)))
+    qo = builder.add(builder.add(o, ir.Constant(_I64, 3 if sym else 5)),
                      builder.mul(n_out, ir.Constant(_I64, 3)))
-    return kb, o, x0, is_sym, d, m, zq, qo
+    return kb, o, x0, n_out, d, m, qo
 
 
-def _width_runs(builder, c, B, emit):
-    """emit(builder, width, groups) for the run-time width c (1..8) and block size B (32/64):
-    one switch outside the caller's loop, so the loop body is straight-line code."""
-    is64 = builder.icmp_signed("==", B, ir.Constant(_I64, 64))
-    with builder.if_else(is64) as (two, one):
-        with two:
-            _switch_width(builder, c, lambda b, w: emit(b, w, 2), None)
-        with one:
-            _switch_width(builder, c, lambda b, w: emit(b, w, 1), None)
+def _width_runs(builder, c, sym, kind, B, emit):
+    """emit(builder, width, S, outlier kind, groups) for the run-time width c (1..8), S flag,
+    outlier kind (0: none, 1: one, 2: two, 3: more) and block size B (32/64): the switches are
+    outside the caller's loop, so the loop body is straight-line code (computing only what
+    its kind of block needs)."""
+    def split(flag, then):
+        with builder.if_else(builder.icmp_signed("!=", flag, ir.Constant(_I64, 0))) as (y, n):
+            with y:
+                then(True)
+            with n:
+                then(False)
+
+    def kinds(two, s):
+        split(builder.icmp_signed(">=", kind, ir.Constant(_I64, 2)), lambda hi: split(
+            builder.and_(kind, ir.Constant(_I64, 1)),
+            lambda odd: emit_all(two, s, 2 * hi + odd)))
+
+    def emit_all(two, s, kd):
+        _switch_width(builder, c, lambda b, w: emit(b, w, s, kd, 2 if two else 1), None)
+
+    split(builder.icmp_signed("==", B, ir.Constant(_I64, 64)),
+          lambda two: split(sym, lambda s: kinds(two, s)))
+
+
+def _intrinsic_call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _q_at(context, builder, bt, buf, qo, w, p):
+    """Quant p (0..B-1) of the block of width w (1..8) whose quants start at buf[qo], as i32:
+    byte loads and shifts, a few per bit plane."""
+    i64 = lambda v: ir.Constant(_I64, v)
+    e = builder.and_(p, i64(31))
+    base = builder.add(qo, builder.mul(builder.lshr(p, i64(5)), i64(4 * w)))
+    if w == 8:
+        return builder.zext(builder.load(_data_ptr(context, builder, bt, buf,
+                                                   builder.add(base, e))), _I32)
+    q = None
+    off = sh = 0
+    for b in (4, 2, 1):
+        if not w & b:
+            continue
+        nb = 4 * b
+        byte = builder.zext(builder.load(_data_ptr(
+            context, builder, bt, buf, builder.add(base, builder.add(
+                builder.and_(e, i64(nb - 1)), i64(off))))), _I64)
+        seg = builder.mul(builder.lshr(e, i64(nb.bit_length() - 1)), i64(b))
+        v = builder.and_(builder.lshr(byte, seg), i64((1 << b) - 1))
+        v = builder.shl(v, i64(sh)) if sh else v
+        q = v if q is None else builder.or_(q, v)
+        sh += b
+        off += nb
+    return builder.trunc(q, _I32)
+
+
+def _outlier_slots(context, builder, bt, buf, o, n_out, kd, sym, B, x0, xft, xf):
+    """[(live, position mod B, value, xf at x0 + position)] for the outliers of a block of
+    width >= 1: kd = 1 or 2 of them, or kd = 3: n_out (3..7) in 7 slots, live an i1 (None: a
+    slot always live); a dead slot reads the last live one again (no load leaves the block)."""
+    i64 = lambda v: ir.Constant(_I64, v)
+    po = builder.add(o, i64(3 if sym else 5))
+    k = i64(kd) if kd < 3 else n_out
+    slots = []
+    for j in range(kd if kd < 3 else MAX_OUT):
+        live = None if kd < 3 or j < 3 else builder.icmp_signed("<", i64(j), n_out)
+        jj = i64(j) if live is None else builder.select(live, i64(j),
+                                                       builder.sub(n_out, i64(1)))
+        p = builder.and_(builder.zext(builder.load(_data_ptr(
+            context, builder, bt, buf, builder.add(po, jj))), _I64), i64(B - 1))
+        # the value with the next two bytes (another value or quants): a pair of fp16
+        # converts well, a lone one badly
+        h = _load(builder, _data_ptr(context, builder, bt, buf, builder.add(
+            builder.add(po, k), builder.shl(jj, i64(1)))), _vt(K._I16, 2))
+        val = builder.extract_element(builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)),
+                                                    _vt(_F32, 2)), ir.Constant(_I32, 0))
+        x = builder.load(_data_ptr(context, builder, xft, xf, builder.add(x0, p)))
+        slots.append((live, p, val, x))
+    return slots
+
+
+def _add_term(builder, t, live, v):
+    """t + v, or for a dead slot t + -0.0, which changes no bits of any t."""
+    return builder.fadd(t, v if live is None else builder.select(live, v,
+                                                                 ir.Constant(_F32, -0.0)))
 
 
 @intrinsic
-def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, xf, tout, qb, dm):
+def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, tout, size_t,
+                cls_t, offs2, lst2, ws, wcnt, ch):
     """Float mode, blocks lst[base:base+n] (indices into offs/x0s/tout), all of width c
-    (1..8): tout[kb] = 0 + the tree sums of the grid values times xf, group by group;
-    qb[B*kb:B*kb+B] = the quants, dm[2*kb], dm[2*kb+1] = d, m."""
+    (1..8), S = sym and outlier kind `kind` (_width_runs): tout[kb] = the block's dot, 0 +
+    the tree sums of the grid values times xf group by group, then each outlier's
+    (val - grid value)*xf. Also walks the next chunk's headers (_Walker on size_t .. wcnt,
+    ch)."""
     sig = types.void(buf, offs, x0s, lst, types.int64, types.int64, types.int64, types.int64,
-                     xf, tout, qb, dm)
+                     types.int64, types.int64, xf, tout, size_t, cls_t, offs2, lst2, ws, wcnt,
+                     types.int64)
 
     def codegen(context, builder, sig, args):
-        buf, offs, x0s, lst, base, n, B, c, xf, tout, qb, dm = args
-        xft, tt, qbt, dmt = sig.args[8:]
+        buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, tout = args[:12]
+        bt, xft, tt = sig.args[0], sig.args[10], sig.args[11]
 
-        def emit(b, w, ng):
-            with cgutils.for_range(b, n) as loop:
-                kb, o, x0, is_sym, d, m, zq, qo = _run_header(context, b, sig, buf, offs, x0s,
-                                                              lst, base, loop.index, w)
-                _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, None)
-                t = ir.Constant(_F32, 0.0)
-                for g in range(ng):
-                    ptr = _data_ptr(context, b, sig.args[0], buf,
-                                    b.add(qo, ir.Constant(_I64, 4 * w * g)))
-                    x = _load(b, _data_ptr(context, b, xft, xf,
-                                           b.add(x0, ir.Constant(_I64, G * g))), _vt(_F32, 32))
-                    q = _emit_q32(b, ptr, w)
-                    _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, (g, q))
-                    t = b.fadd(t, _tree_sum(b, b.fmul(_emit_wq(b, q, d, m, zq), x), 32))
-                b.store(t, _data_ptr(context, b, tt, tout, kb))
+        def emit(b, w, is_sym, kd, ng):
+            walker = _Walker.from_args(context, b, sig, args, 0, 12, ng == 2, args[18])
+            _run_loop(b, n, walker, lambda b, j: block(b, j, w, is_sym, kd, ng))
 
-        _width_runs(builder, c, B, emit)
+        def block(b, j, w, is_sym, kd, ng):
+            kb, o, x0, n_out, d, m, qo = _run_header(context, b, sig, buf, offs, x0s, lst,
+                                                     base, j, w, is_sym)
+            zq = ir.Constant(_I64, (1 << (w - 1)) if is_sym else 0)
+            t = ir.Constant(_F32, 0.0)
+            for g in range(ng):
+                ptr = _data_ptr(context, b, bt, buf, b.add(qo, ir.Constant(_I64, 4 * w * g)))
+                x = _load(b, _data_ptr(context, b, xft, xf,
+                                       b.add(x0, ir.Constant(_I64, G * g))), _vt(_F32, 32))
+                # S = 1: the add of m = -0.0 changes no bits, so it is left out
+                wv = _emit_wq(b, _emit_q32(b, ptr, w), d, None if is_sym else m, zq)
+                t = b.fadd(t, _tree_sum(b, b.fmul(wv, x), 32))
+            if kd:
+                for live, p, val, xo in _outlier_slots(context, b, bt, buf, o, n_out, kd,
+                                                       is_sym, G * ng, x0, xft, xf):
+                    qp = b.sub(_q_at(context, b, bt, buf, qo, w, p), b.trunc(zq, _I32))
+                    wp = b.fmul(b.sitofp(qp, _F32), d)
+                    wp = wp if is_sym else b.fadd(wp, m)
+                    t = _add_term(b, t, live, b.fmul(b.fsub(val, wp), xo))
+            b.store(t, _data_ptr(context, b, tt, tout, kb))
+
+        _width_runs(builder, c, sym, kind, B, emit)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 def _emit_wq(builder, q, d, m, zq):
-    """float(q - zq)*d + m for <32 x i8> quants q, as <32 x float> (as _emit_w32)."""
+    """float(q - zq)*d + m for <32 x i8> quants q, as <32 x float> (as _emit_w32); m None:
+    no add, zq the constant 0: no subtract."""
     q = builder.zext(q, _vt(_I32, 32))
-    q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
+    if not (isinstance(zq, ir.Constant) and zq.constant == 0):
+        q = builder.sub(q, _splat(builder, builder.trunc(zq, _I32), 32))
     w = builder.fmul(builder.sitofp(q, _vt(_F32, 32)), _splat(builder, d, 32))
-    return builder.fadd(w, _splat(builder, m, 32))
+    return w if m is None else builder.fadd(w, _splat(builder, m, 32))
 
 
-def _store_qdm(context, builder, sig, qbt, qb, dmt, dm, kb, ng, d, m, gq):
-    """dm[2*kb] = d, dm[2*kb+1] = m (gq None), or qb[B*kb + 32*g:] = q (gq = (g, q))."""
-    if gq is None:
-        p = builder.shl(kb, ir.Constant(_I64, 1))
-        builder.store(d, _data_ptr(context, builder, dmt, dm, p))
-        builder.store(m, _data_ptr(context, builder, dmt, dm,
-                                   builder.add(p, ir.Constant(_I64, 1))))
-        return
-    g, q = gq
-    p = builder.add(builder.mul(kb, ir.Constant(_I64, G * ng)), ir.Constant(_I64, G * g))
-    _store(builder, q, _data_ptr(context, builder, qbt, qb, p))
+def _reduce_add(builder, v):
+    """Exact integer sum of an <n x i32> (the order is free: LLVM may use a dot-product
+    instruction for a sum of products)."""
+    return _intrinsic_call(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _I32, [v])
 
 
 def _emit_isum(builder, q, x):
-    """Exact sum of q_e*x_e for <32 x i8> q (unsigned) and x (signed), as i64: i32 products,
-    adjacent pairs added (the shape of pmaddwd), then a tree."""
+    """Exact sum of q_e*x_e for <32 x i8> q (unsigned) and x (signed), as i32."""
     v32 = _vt(_I32, 32)
-    p = builder.mul(builder.zext(q, v32), builder.sext(x, v32))
-    p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(0, 32, 2))),
-                    builder.shuffle_vector(p, p, _const_vec(_I32, range(1, 32, 2))))
-    n = 16
-    while n > 1:
-        n //= 2
-        p = builder.add(builder.shuffle_vector(p, p, _const_vec(_I32, range(n))),
-                        builder.shuffle_vector(p, p, _const_vec(_I32, range(n, 2 * n))))
-    return builder.sext(builder.extract_element(p, ir.Constant(_I32, 0)), _I64)
+    return _reduce_add(builder, builder.mul(builder.zext(q, v32), builder.sext(x, v32)))
 
 
 @intrinsic
-def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, xq, xd, xs, tout, iout, qb,
-                dm):
-    """int8 mode, blocks lst[base:base+n] of width c (1..8): iout[2*kb + g] = I of group g
-    over all its elements, tout[kb] = the block's dot as if it had no outliers; qb, dm as
+def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd, xs, xf,
+                tout, size_t, cls_t, offs2, lst2, ws, wcnt, ch):
+    """int8 mode, blocks lst[base:base+n] as _fdense_run: tout[kb] = the block's dot, group
+    by group xd*(d*I + m*X) or xd*(d*(I - z*X)) over the non-outliers (I and X exact: those
+    over the whole group less each outlier's terms), then each outlier's val*xf. Walks as
     _fdense_run."""
     sig = types.void(buf, offs, x0s, lst, types.int64, types.int64, types.int64, types.int64,
-                     xq, xd, xs, tout, iout, qb, dm)
+                     types.int64, types.int64, xq, xd, xs, xf, tout, size_t, cls_t, offs2, lst2,
+                     ws, wcnt, types.int64)
 
     def codegen(context, builder, sig, args):
-        buf, offs, x0s, lst, base, n, B, c, xq, xd, xs, tout, iout, qb, dm = args
-        xqt, xdt, xst, tt, it, qbt, dmt = sig.args[8:]
+        buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd, xs, xf, tout = args[:15]
+        bt = sig.args[0]
+        xqt, xdt, xst, xft, tt = sig.args[10:15]
 
-        def emit(b, w, ng):
-            with cgutils.for_range(b, n) as loop:
-                kb, o, x0, is_sym, d, m, zq, qo = _run_header(context, b, sig, buf, offs, x0s,
-                                                              lst, base, loop.index, w)
-                _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, None)
-                t = ir.Constant(_F32, 0.0)
-                xb = b.lshr(x0, ir.Constant(_I64, 5))
-                for g in range(ng):
-                    ptr = _data_ptr(context, b, sig.args[0], buf,
-                                    b.add(qo, ir.Constant(_I64, 4 * w * g)))
-                    x = _load(b, _data_ptr(context, b, xqt, xq,
-                                           b.add(x0, ir.Constant(_I64, G * g))), _vt(_I8, 32))
-                    q = _emit_q32(b, ptr, w)
-                    _store_qdm(context, b, sig, qbt, qb, dmt, dm, kb, ng, d, m, (g, q))
-                    isum = _emit_isum(b, q, x)
-                    b.store(b.trunc(isum, _I32), _data_ptr(
-                        context, b, it, iout,
-                        b.add(b.shl(kb, ir.Constant(_I64, 1)), ir.Constant(_I64, g))))
-                    xi = b.add(xb, ir.Constant(_I64, g))
-                    xsum = b.fptosi(b.load(_data_ptr(context, b, xst, xs, xi)), _I64)
-                    dx = b.load(_data_ptr(context, b, xdt, xd, xi))
-                    v_sym = b.fmul(dx, b.fmul(d, b.sitofp(b.sub(isum, b.mul(zq, xsum)), _F32)))
-                    v_asym = b.fmul(dx, b.fadd(b.fmul(d, b.sitofp(isum, _F32)),
-                                               b.fmul(m, b.sitofp(xsum, _F32))))
-                    t = b.fadd(t, b.select(is_sym, v_sym, v_asym))
-                b.store(t, _data_ptr(context, b, tt, tout, kb))
+        def emit(b, w, is_sym, kd, ng):
+            walker = _Walker.from_args(context, b, sig, args, 0, 15, ng == 2, args[21])
+            _run_loop(b, n, walker, lambda b, j: block(b, j, w, is_sym, kd, ng))
 
-        _width_runs(builder, c, B, emit)
+        def block(b, j, w, is_sym, kd, ng):
+            kb, o, x0, n_out, d, m, qo = _run_header(context, b, sig, buf, offs, x0s, lst,
+                                                     base, j, w, is_sym)
+            slots = terms = ()
+            if kd:
+                slots = _outlier_slots(context, b, bt, buf, o, n_out, kd, is_sym, G * ng,
+                                       x0, xft, xf)
+                terms = []
+                for live, p, _, _ in slots:
+                    xp = b.sext(b.load(_data_ptr(context, b, xqt, xq, b.add(x0, p))), _I32)
+                    gp = b.lshr(p, ir.Constant(_I64, 5))
+                    terms.append((live, gp, xp,
+                                  b.mul(_q_at(context, b, bt, buf, qo, w, p), xp)))
+            t = ir.Constant(_F32, 0.0)
+            xb = b.lshr(x0, ir.Constant(_I64, 5))
+            zero = ir.Constant(_I32, 0)
+            for g in range(ng):
+                ptr = _data_ptr(context, b, bt, buf, b.add(qo, ir.Constant(_I64, 4 * w * g)))
+                x = _load(b, _data_ptr(context, b, xqt, xq,
+                                       b.add(x0, ir.Constant(_I64, G * g))), _vt(_I8, 32))
+                xi = b.add(xb, ir.Constant(_I64, g))
+                xsum = b.fptosi(b.load(_data_ptr(context, b, xst, xs, xi)), _I32)
+                isum = _emit_isum(b, _emit_q32(b, ptr, w), x)  # |I|, |z*X| < 2^21: exact
+                for live, gp, xp, qxp in terms:     # each outlier (a repeat too) leaves
+                    here = b.icmp_unsigned("==", gp, ir.Constant(_I64, g))
+                    if live is not None:
+                        here = b.and_(here, live)
+                    xsum = b.sub(xsum, b.select(here, xp, zero))
+                    isum = b.sub(isum, b.select(here, qxp, zero))
+                dx = b.load(_data_ptr(context, b, xdt, xd, xi))
+                if is_sym:
+                    zx = b.mul(ir.Constant(_I32, 1 << (w - 1)), xsum)
+                    v = b.fmul(dx, b.fmul(d, b.sitofp(b.sub(isum, zx), _F32)))
+                else:
+                    v = b.fmul(dx, b.fadd(b.fmul(d, b.sitofp(isum, _F32)),
+                                          b.fmul(m, b.sitofp(xsum, _F32))))
+                t = b.fadd(t, v)
+            for live, _, val, xo in slots:
+                t = _add_term(b, t, live, b.fmul(val, xo))
+            b.store(t, _data_ptr(context, b, tt, tout, kb))
+
+        _width_runs(builder, c, sym, kind, B, emit)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+class _Walker:
+    """Stage (1) of _matvec_kernel, the header walk, one header at a time: block i of the
+    next chunk (at o) gets offs[i] = o and is appended to its class list lst[cls*ch:]
+    (wcnt[cls] its length). The walk from header to header is a chain of dependent loads
+    (byte, size table), and the list lengths another (through memory), so it is done a step
+    per block of the dense loops of the chunk before (_fdense_run, _idense_run), where both
+    chains run next to their work, and the rest by _walk.
+
+    State: ws = [blocks walked i, o, blocks wanted n, status] (status 1: a bad header or a
+    block past the end of buf, 2: a header at or past the end; stored where it is met)."""
+
+    def __init__(self, builder, bufp, size_buf, sizep, clsp, offsp, lstp, ch, wsp, cntp):
+        self.b = builder
+        self.buf, self.size_buf, self.sizes, self.classes = bufp, size_buf, sizep, clsp
+        self.offs, self.lst, self.ch, self.ws, self.cnt = offsp, lstp, ch, wsp, cntp
+
+    def load(self):
+        """(i, o, headers left to walk: 0 once a status is set)."""
+        b = self.b
+        i, o, n, st = [b.load(b.gep(self.ws, [ir.Constant(_I64, j)])) for j in range(4)]
+        return i, o, b.select(b.icmp_signed("==", st, ir.Constant(_I64, 0)), n, i)
+
+    def save(self, i, o):
+        b = self.b
+        for j, v in ((0, i), (1, o)):
+            b.store(v, b.gep(self.ws, [ir.Constant(_I64, j)]))
+
+    def step(self, i, o):
+        """One header: (i, o, whether it was a block), from a join block (left current)."""
+        b = self.b
+        fn = b.function
+        i64 = lambda v: ir.Constant(_I64, v)
+        hdr = fn.append_basic_block("walk_hdr")
+        blk = fn.append_basic_block("walk_block")
+        bad = fn.append_basic_block("walk_bad")
+        join = fn.append_basic_block("walk_join")
+        start = b.block
+        b.cbranch(b.icmp_signed(">=", o, self.size_buf), bad, hdr)
+        b.position_at_end(hdr)
+        h = b.zext(b.load(b.gep(self.buf, [o])), _I64)
+        size = b.load(b.gep(self.sizes, [h]))
+        b.cbranch(b.or_(b.icmp_signed("==", size, i64(0)),
+                        b.icmp_signed(">", b.add(o, size), self.size_buf)), bad, blk)
+        b.position_at_end(bad)
+        st = b.phi(_I64)
+        st.add_incoming(i64(2), start)
+        st.add_incoming(i64(1), hdr)
+        b.store(st, b.gep(self.ws, [i64(3)]))
+        b.branch(join)
+        b.position_at_end(blk)
+        cls = b.load(b.gep(self.classes, [h]))
+        cp = b.gep(self.cnt, [cls])
+        n_c = b.load(cp)
+        b.store(b.add(n_c, i64(1)), cp)
+        b.store(b.trunc(i, _I32), b.gep(self.lst, [b.add(b.mul(cls, self.ch), n_c)]))
+        b.store(o, b.gep(self.offs, [i]))
+        nxt = (b.add(i, i64(1)), b.add(o, size))
+        b.branch(join)
+        b.position_at_end(join)
+        out = []
+        for v, v2 in zip((i, o), nxt):
+            phi = b.phi(v.type)
+            phi.add_incoming(v, bad)
+            phi.add_incoming(v2, blk)
+            out.append(phi)
+        ok = b.phi(ir.IntType(1))
+        ok.add_incoming(ir.Constant(ir.IntType(1), 0), bad)
+        ok.add_incoming(ir.Constant(ir.IntType(1), 1), blk)
+        return out + [ok]
+
+    @staticmethod
+    def from_args(context, builder, sig, args, k_buf, k_tables, B64, ch):
+        """A walker on the intrinsic arguments buf (index k_buf) and size table, class table,
+        offs, lst, ws, wcnt (k_tables .. k_tables + 5)."""
+        ptr = lambda k, off=0: _data_ptr(context, builder, sig.args[k], args[k], off)
+        size_buf = context.make_array(sig.args[k_buf])(context, builder, args[k_buf]).nitems
+        return _Walker(builder, ptr(k_buf), size_buf, ptr(k_tables, 256 if B64 else 0),
+                       ptr(k_tables + 1), ptr(k_tables + 2), ptr(k_tables + 3), ch,
+                       ptr(k_tables + 4), ptr(k_tables + 5))
+
+
+def _walk_function(module):
+    """The rest of a walk (_Walker state in ws, wcnt) as a function of its own, so that the
+    register allocation of a big caller cannot spill its state: (buf, size of buf, size
+    table (for the block size), class table, offs, lst, ch, ws, wcnt)."""
+    name = "qx_walk_headers"
+    if name in module.globals:
+        return module.globals[name]
+    p8, p32, p64 = _I8.as_pointer(), _I32.as_pointer(), _I64.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8, _I64, p64, p64, p64, p32,
+                                                              _I64, p64, p64]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    w = _Walker(builder, *fn.args)
+    i0, o0, n = w.load()
+    entry = builder.block
+    head = fn.append_basic_block("walk_head")
+    body = fn.append_basic_block("walk_body")
+    done = fn.append_basic_block("walk_done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(_I64)
+    o = builder.phi(_I64)
+    builder.cbranch(builder.icmp_signed("<", i, n), body, done)
+    builder.position_at_end(body)
+    i2, o2, ok = w.step(i, o)
+    last = builder.block
+    builder.cbranch(ok, head, done)
+    for phi, v0, v2 in ((i, i0, i2), (o, o0, o2)):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v2, last)
+    builder.position_at_end(done)
+    w.save(i, o)       # a failed step leaves i, o as they were
+    builder.ret_void()
+    return fn
+
+
+@intrinsic
+def _walk(typingctx, buf, B, size_t, cls_t, offs, lst, ws, wcnt, ch):
+    """The walk (_Walker) to its end: ws[0] blocks walked of the ws[2] wanted, ws[1] the next
+    header's offset, ws[3] the status; wcnt[cls] = the class list lengths."""
+    sig = types.void(buf, types.int64, size_t, cls_t, offs, lst, ws, wcnt, ch)
+
+    def codegen(context, builder, sig, args):
+        B, ch = args[1], args[8]
+        ptr = lambda k, off=0: _data_ptr(context, builder, sig.args[k], args[k], off)
+        tb = builder.select(builder.icmp_signed("==", B, ir.Constant(_I64, 64)),
+                            ir.Constant(_I64, 256), ir.Constant(_I64, 0))
+        size_buf = context.make_array(sig.args[0])(context, builder, args[0]).nitems
+        builder.call(_walk_function(builder.module), [
+            ptr(0), size_buf, ptr(2, tb), ptr(3), ptr(4), ptr(5), ch, ptr(6), ptr(7)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _run_loop(builder, n, walker, body):
+    """for j in range(n): body(builder, j), each iteration also one step of the walker (while
+    it has headers left): the walk's chains of loads run next to the body's work."""
+    fn = builder.function
+    wi0, wo0, wn0 = walker.load()
+    pre = builder.block
+    head = fn.append_basic_block("run_head")
+    blk = fn.append_basic_block("run_body")
+    exit_ = fn.append_basic_block("run_exit")
+    builder.branch(head)
+    builder.position_at_end(head)
+    j = builder.phi(_I64)
+    wi = builder.phi(_I64)
+    wo = builder.phi(_I64)
+    wn = builder.phi(_I64)
+    builder.cbranch(builder.icmp_signed("<", j, n), blk, exit_)
+    builder.position_at_end(blk)
+    body(builder, j)
+    step = fn.append_basic_block("run_walk")
+    latch = fn.append_basic_block("run_latch")
+    idle = builder.block
+    builder.cbranch(builder.icmp_signed("<", wi, wn), step, latch)
+    builder.position_at_end(step)
+    wi2, wo2, ok = walker.step(wi, wo)
+    wn2 = builder.select(ok, wn, wi2)              # a bad header ends the walk
+    walked = builder.block
+    builder.branch(latch)
+    builder.position_at_end(latch)
+    nxt = []
+    for v, v2 in ((wi, wi2), (wo, wo2), (wn, wn2)):
+        phi = builder.phi(_I64)
+        phi.add_incoming(v, idle)
+        phi.add_incoming(v2, walked)
+        nxt.append(phi)
+    j2 = builder.add(j, ir.Constant(_I64, 1))
+    builder.branch(head)
+    for phi, v0, v2 in zip((j, wi, wo, wn), (ir.Constant(_I64, 0), wi0, wo0, wn0),
+                           (j2,) + tuple(nxt)):
+        phi.add_incoming(v0, pre)
+        phi.add_incoming(v2, latch)
+    builder.position_at_end(exit_)
+    walker.save(wi, wo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,91 +882,86 @@ def _dequantize_kernel(buf, n_blocks, B, out, i0):
     return o
 
 
-_CHUNK = 256              # blocks per chunk of the matvec kernel (its scratch stays in L1)
-_N_CLASS = 10             # block classes: width 0..8, then raw fp16
+_CHUNK = 1024             # blocks per chunk of the matvec kernel: longer class runs (each run
+                          # costs a dispatch)
+_N_CLASS = 66             # block classes: width 0; widths 1..8 with S = 0, with S = 1, those
+                          # without outliers, with one, with two, with more; raw fp16
+
+
+def _header_tables():
+    """Per header byte: its block's size for B = 32 (entries 0..255) and B = 64 (256..511),
+    0 for a header no block has; and its class."""
+    size = np.zeros(512, np.int64)
+    cls = np.zeros(256, np.int64)
+    for h in range(256):
+        c, sym, k = h & 15, (h >> 4) & 1, h >> 5
+        if c == RAW:
+            cls[h] = _N_CLASS - 1
+            if h >> 4 == 0:
+                size[h], size[256 + h] = block_bytes(c, 0, 0, 32), block_bytes(c, 0, 0, 64)
+        elif c <= 8:
+            cls[h] = 0 if c == 0 else c + 8 * sym + 16 * min(k, 3)
+            size[h], size[256 + h] = block_bytes(c, sym, k, 32), block_bytes(c, sym, k, 64)
+    return size, cls
+
+
+# the walk from header to header is a chain of dependent loads: a table lookup is its
+# shortest link (and takes the validity checks off it)
+_SIZE, _CLASS = _header_tables()
 
 
 @kernel
 def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs, out):
     """Returns 0, or -1 - k if block k's header is bad or it overruns buf.
 
-    Works in chunks of blocks: (1) the headers alone (each block's offset, activation offset,
-    class = width or raw, outlier count; the walk from header to header is a chain of
-    dependent loads, so it is kept short); (2) per class, a loop with the width fixed
-    (straight-line unpack and dot, no branch on the width per block) computing each block's
-    dot without its outliers (int8 mode: also the group sums I) and keeping its quants and
-    d, m; (3) the blocks with outliers, grouped by their count, redone from those (float
-    mode: each outlier patched onto the dense dot; int8 mode: the outliers taken out of I and
-    X); (4) the dots added to the rows in block order. The arithmetic of every block is the
+    Works in chunks of blocks: (1) the headers alone (each block's offset and class: width,
+    S, no, one, two or more outliers, or raw; a chain of dependent loads, walked during (2)
+    of the chunk before: _Walker); (2) per class, a loop with all that fixed (straight-line
+    unpack and dot, no branch on the width or the outliers per block) computing each block's
+    dot; (3) the dots added to the rows in block order. The arithmetic of every block is the
     one in the matvec_blocks docstring, bit for bit."""
-    size_buf = buf.size
     ng = B // G
-    qshift = 2 if B == 32 else 3                 # B*c/8 = c << qshift
     row = first_block // bpr
     col = first_block - row * bpr
     acc = out[row] if n_blocks > 0 else np.float32(0.0)   # out[row], kept in a register
     ch = min(_CHUNK, n_blocks)
-    offs = np.empty(ch, np.int64)
-    x0s = np.empty(ch, np.int64)
-    lst = np.empty(_N_CLASS * ch, np.int32)
-    cnt = np.zeros(_N_CLASS, np.int64)
-    outl = np.empty((MAX_OUT + 1) * ch, np.int32)   # per outlier count, the blocks
-    ocnt = np.zeros(MAX_OUT + 1, np.int64)
+    offs2 = np.empty((2, ch), np.int64)                    # this chunk's and the next one's
+    lst2 = np.empty((2, _N_CLASS * ch), np.int32)
+    wcnt2 = np.zeros((2, _N_CLASS), np.int64)
+    ws = np.zeros(4, np.int64)                             # the walk (_Walker)
+    x0s2 = np.empty((2, ch), np.int64)
     tout = np.empty(ch, np.float32)
-    iout = np.empty(2 * ch if int8_mode else 0, np.int32)
-    qb = np.empty(ch * B, np.uint8)
-    dm = np.empty(2 * ch, np.float32)
-    o = 0
+    cur = 0
+    ws[2] = ch
+    _walk(buf, B, _SIZE, _CLASS, offs2[0], lst2[0], ws, wcnt2[0], ch)
     k0 = 0
     xc = col
+    for i in range(ws[0]):
+        x0s2[0, i] = xc * B
+        xc += 1
+        if xc == bpr:
+            xc = 0
     while k0 < n_blocks:
-        nch = min(ch, n_blocks - k0)
+        offs = offs2[cur]
+        lst = lst2[cur]
+        cnt = wcnt2[cur]
+        x0s = x0s2[cur]
+        nch = ws[0]
         status = 0
         flush = False
-        cnt[:] = 0
-        ocnt[:] = 0
-        # (1) headers
-        for i in range(nch):
-            if o >= size_buf:
-                status = -1 - (k0 + i)
-                flush = True
-                nch = i
-                break
-            h = np.int64(_at(buf, o))
-            c = h & 15
-            if c == RAW:
-                size = 1 + 2 * B
-                if o + size > size_buf or (h >> 4) != 0:
-                    status = -1 - (k0 + i)
-                    nch = i
-                    break
-                cls = _N_CLASS - 1
-            else:
-                if c > 8:
-                    status = -1 - (k0 + i)
-                    nch = i
-                    break
-                size = (1 + (2 if c > 0 else 0) + (2 if (h & 16) == 0 else 0) + 3 * (h >> 5)
-                        + (c << qshift))
-                if o + size > size_buf:
-                    status = -1 - (k0 + i)
-                    nch = i
-                    break
-                cls = c
-                ko = h >> 5
-                outl[ko * ch + ocnt[ko]] = i
-                ocnt[ko] += 1
-            offs[i] = o
-            x0s[i] = xc * B
-            lst[cls * ch + cnt[cls]] = i
-            cnt[cls] += 1
-            o += size
-            xc += 1
-            if xc == bpr:
-                xc = 0
-        # (2) each class with its width fixed
+        if ws[3]:
+            status = -1 - (k0 + nch)
+            flush = ws[3] == 2
+        nxt = 1 - cur                  # (1) of the next chunk starts
+        ws[0] = 0
+        ws[2] = 0 if status else min(ch, n_blocks - k0 - nch)
+        wcnt2[nxt, :] = 0
+        offs_n = offs2[nxt]
+        lst_n = lst2[nxt]
+        wcnt_n = wcnt2[nxt]
+        # (2) each class with its width, S and outlier kind fixed
         for cls in range(_N_CLASS):
-            n = cnt[cls]
+            n = np.int64(cnt[cls])
             if n == 0:
                 continue
             base = cls * ch
@@ -704,12 +974,15 @@ def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs
                     for g in range(ng):
                         t += _fdot_f16(buf, ob + 2 * G * g, xf, x0 + G * g)
                     tout[i] = t
-            elif cls == 0:                              # constant blocks
+            elif cls == 0:                              # constant blocks (rare): scalar
                 for j in range(n):
                     i = np.int64(lst[base + j])
                     ob = offs[i]
                     x0 = x0s[i]
-                    sym = (np.int64(buf[ob]) >> 4) & 1
+                    h = np.int64(buf[ob])
+                    sym = (h >> 4) & 1
+                    k = h >> 5
+                    po = ob + (1 if sym else 3)
                     m = _h(buf, ob + 1) if sym == 0 else np.float32(0.0)
                     d = np.float32(0.0)
                     t = np.float32(0.0)
@@ -719,92 +992,60 @@ def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs
                             t += _fdot_const(m, xf, xo)
                         else:
                             xsum = np.int64(_at(xs, xo >> 5))
+                            for jo in range(k):
+                                p = np.int64(buf[po + jo]) & (B - 1)
+                                if p >> 5 == g:
+                                    xsum -= np.int64(_at(xq, x0 + p))
                             isum = np.int64(0)
                             if sym:
                                 t += _at(xd, xo >> 5) * (d * np.float32(isum - 0 * xsum))
                             else:
                                 t += _at(xd, xo >> 5) * (d * np.float32(isum)
                                                          + m * np.float32(xsum))
-                    tout[i] = t
-            elif int8_mode:
-                _idense_run(buf, offs, x0s, lst, base, n, B, cls, xq, xd, xs, tout, iout, qb,
-                            dm)
-            else:
-                _fdense_run(buf, offs, x0s, lst, base, n, B, cls, xf, tout, qb, dm)
-        # (3) blocks with outliers (their quants, d and m saved by (2))
-        for ko in range(1, MAX_OUT + 1):       # by outlier count: the loops below repeat
-            for j0 in range(ocnt[ko]):
-                i = np.int64(outl[ko * ch + j0])
-                ob = offs[i]
-                h = np.int64(buf[ob])
-                c = h & 15
-                sym = (h >> 4) & 1
-                k = h >> 5
-                po = ob + 1 + (2 if c > 0 else 0) + (2 if sym == 0 else 0)
-                x0 = x0s[i]
-                qi = B * i
-                if c == 0:
-                    m = _h(buf, ob + 1) if sym == 0 else np.float32(0.0)
-                    d = np.float32(0.0)
-                    zq = np.int64(0)
-                else:
-                    d = dm[2 * i]
-                    m = dm[2 * i + 1]
-                    zq = np.int64(1) << (c - 1) if sym else np.int64(0)
-                if not int8_mode:     # replace each outlier's grid value by its value
-                    t = tout[i]
-                    for j in range(k):
-                        pos = np.int64(buf[po + j]) & (B - 1)
-                        val = _h(buf, po + k + 2 * j)
-                        wq = np.float32(np.int64(qb[qi + pos]) - zq) * d + m if c > 0 else m
-                        t += (val - wq) * _at(xf, x0 + pos)
-                else:                 # outliers leave the integer sums, then add val * x
-                    xb = x0 >> 5
-                    i0 = np.int64(iout[2 * i]) if c > 0 else np.int64(0)
-                    x0sum = np.int64(_at(xs, xb))
-                    i1 = np.int64(0)
-                    x1sum = np.int64(0)
-                    if ng == 2:
-                        i1 = np.int64(iout[2 * i + 1]) if c > 0 else np.int64(0)
-                        x1sum = np.int64(_at(xs, xb + 1))
-                    for j in range(k):
-                        pos = np.int64(buf[po + j]) & (B - 1)
-                        xv = np.int64(_at(xq, x0 + pos))
-                        qv = np.int64(qb[qi + pos]) * xv if c > 0 else np.int64(0)
-                        hi = pos >> 5
-                        x0sum -= xv * (1 - hi)
-                        i0 -= qv * (1 - hi)
-                        x1sum -= xv * hi
-                        i1 -= qv * hi
-                    t = np.float32(0.0)
-                    if sym:
-                        t += _at(xd, xb) * (d * np.float32(i0 - zq * x0sum))
-                    else:
-                        t += _at(xd, xb) * (d * np.float32(i0) + m * np.float32(x0sum))
-                    if ng == 2:
-                        if sym:
-                            t += _at(xd, xb + 1) * (d * np.float32(i1 - zq * x1sum))
+                    for jo in range(k):
+                        p = np.int64(buf[po + jo]) & (B - 1)
+                        v = _h(buf, po + k + 2 * jo)
+                        if not int8_mode:
+                            t += (v - m) * _at(xf, x0 + p)
                         else:
-                            t += _at(xd, xb + 1) * (d * np.float32(i1) + m * np.float32(x1sum))
-                    for j in range(k):
-                        pos = np.int64(buf[po + j]) & (B - 1)
-                        t += _h(buf, po + k + 2 * j) * _at(xf, x0 + pos)
-                tout[i] = t
-        # (4) the dots into the rows, in block order
-        for i in range(nch):
-            acc += tout[i]
-            col += 1
-            if col == bpr:
-                out[row] = acc
-                col = 0
-                row += 1
-                if k0 + i + 1 < n_blocks:
-                    acc = out[row]
+                            t += v * _at(xf, x0 + p)
+                    tout[i] = t
+            else:
+                c = (cls - 1) % 8 + 1
+                sym = ((cls - 1) >> 3) & 1
+                kind = (cls - 1) >> 4
+                if int8_mode:
+                    _idense_run(buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd, xs, xf,
+                                tout, _SIZE, _CLASS, offs_n, lst_n, ws, wcnt_n, ch)
+                else:
+                    _fdense_run(buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, tout, _SIZE,
+                                _CLASS, offs_n, lst_n, ws, wcnt_n, ch)
+        _walk(buf, B, _SIZE, _CLASS, offs_n, lst_n, ws, wcnt_n, ch)
+        # (3) the dots into the rows, in block order (a chain of adds), next to the next
+        # chunk's activation offsets (another chain)
+        nn = ws[0]
+        x0n = x0s2[nxt]
+        for i in range(max(nch, nn)):
+            if i < nch:
+                acc += tout[i]
+                col += 1
+                if col == bpr:
+                    out[row] = acc
+                    col = 0
+                    row += 1
+                    if k0 + i + 1 < n_blocks:
+                        acc = out[row]
+            if i < nn:
+                x0n[i] = xc * B
+                xc += 1
+                if xc == bpr:
+                    xc = 0
         if status:
             if flush:
                 out[row] = acc
             return status
         k0 += nch
+        cur = nxt
     if n_blocks > 0 and col != 0:
         out[row] = acc
     return 0

@@ -10,7 +10,7 @@ Part 2, simulator: a synthetic RWKV-4 (n_embd 512, 4 layers, vocabulary 4096, ev
 including the head in the type) written as a stream file per type, then ms per token on the
 board in int8 and float mode.
 
-    python -m host.bench_types [--rows R] [--cols C] [--repeat N] [TYPE ...]
+    python -m host.bench_types [--rows R] [--cols C] [--repeat N] [--no-sim] [TYPE ...]
 """
 from __future__ import annotations
 
@@ -146,10 +146,11 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-sim", action="store_true", help="kernels only (skip part 2)")
     ap.add_argument("types", nargs="*", default=list(DEFAULT_TYPES),
                     help="types, e.g. Q4_K 'QX:bs=64,bpw=3.5' QX:err=0.05")
     a = ap.parse_args(argv)
-    print(format_table(run(a.rows, a.cols, a.repeat, a.types)))
+    print(format_table(run(a.rows, a.cols, a.repeat, a.types, simulator=not a.no_sim)))
 
 
 if __name__ == "__main__":
