@@ -181,15 +181,6 @@ def _f16_up(f):
 
 
 @kernel(inline="always")
-def _size(hdr, B):
-    c = hdr & 15
-    if c == RAW:
-        return 1 + 2 * B
-    return (1 + (2 if c > 0 else 0) + (2 if (hdr & 16) == 0 else 0) + 3 * (hdr >> 5)
-            + B * c // 8)
-
-
-@kernel(inline="always")
 def _put_q(out, qo, c, e, q):
     """Store quant q of element e of the group at out[qo] (planes zeroed beforehand)."""
     if c == 8:
@@ -795,18 +786,16 @@ def _run_loop(builder, n, walker, body):
 
 @kernel
 def _count_kernel(buf, max_blocks, B):
-    """(whole blocks at the start of buf, their bytes); blocks = -1 - index of a bad header."""
+    """(whole blocks at the start of buf, their bytes); blocks = -1 - index of a bad header.
+    A board runs this on every chunk, so the walk is the size table's (_SIZE) short chain."""
+    tb = 256 if B == 64 else 0
     o = 0
     n = 0
     size = buf.size
     while n < max_blocks and o < size:
-        h = np.int64(buf[o])
-        c = h & 15
-        if c > 8 and c != RAW:
+        s = _SIZE[tb + np.int64(_at(buf, o))]
+        if s == 0:
             return -1 - n, o
-        if c == RAW and (h >> 4) != 0:
-            return -1 - n, o
-        s = _size(h, B)
         if o + s > size:
             break
         o += s
