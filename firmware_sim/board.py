@@ -264,10 +264,9 @@ class Board:
         index = self._next
         name = self.info.names[index]
         assert name.endswith(suffix), (name, suffix)   # forward code follows forward_order
-        head = self.chunk[:K.RECORD_HEADER_SIZE]
         while True:
             offset = self.source.pos
-            self.source.readinto(head)
+            head = self._small(K.RECORD_HEADER_SIZE)
             kind, = struct.unpack_from("<H", head, 0)
             if kind < K.KIND_OPTIONAL_MIN:
                 break
@@ -285,6 +284,15 @@ class Board:
         if q.variable:
             self._skip_row_table(size)
         return q
+
+    def _small(self, n: int):
+        """The next n bytes (a record header or tail): in place under XIP, else through the
+        chunk."""
+        if self.xip:
+            return self.source.view(n)
+        view = self.chunk[:n]
+        self.source.readinto(view)
+        return view
 
     def _blocks(self, q: QuantType, n_blocks: int, crc: bool = True):
         """Yield (chunk view, block count) runs of whole blocks, as many as the chunk holds."""
@@ -368,8 +376,7 @@ class Board:
             raise BadInput(f"{self._have + self._left} bytes after the last block of the "
                            "record", offset=self.source.pos - self._have, tensor=name)
         end = offset + K.RECORD_HEADER_SIZE + size + K.RECORD_CRC_SIZE
-        tail = self.chunk[:K.RECORD_CRC_SIZE + (-end) % K.ALIGN]
-        self.source.readinto(tail)
+        tail = self._small(K.RECORD_CRC_SIZE + (-end) % K.ALIGN)
         if self._verifying:
             if struct.unpack_from("<I", tail)[0] != self._crc & 0xFFFFFFFF:
                 raise BadInput("payload CRC-32 mismatch", offset=offset + K.RECORD_HEADER_SIZE,

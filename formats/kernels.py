@@ -1175,12 +1175,6 @@ def matvec_runner(type_id: int, int8_mode: bool, blocks_per_row: int, xf: np.nda
     if row_state is None:
         row_state = _ROW_STATE
     arrays = dict(xf=xf, xq=xq, xd=xd, xs=xs, out=out, row_state=row_state)
-    want = {"xf": np.float32, "xq": np.int8, "xd": np.float32, "xs": np.float32,
-            "out": np.float32, "row_state": np.float64}
-    if any(not isinstance(a, np.ndarray) or a.dtype != want[k] or a.ndim != 1
-           or not a.flags.c_contiguous for k, a in arrays.items()) \
-            or not (out.flags.writeable and row_state.flags.writeable):
-        raise _bad_arrays("matvec", **arrays)
     if bs == 1 or not int8_mode:
         if len(xf) < n_in:
             raise BadInput(f"matvec {name}: rows of {n_in} need xf of {n_in}, got {len(xf)}")
