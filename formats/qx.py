@@ -48,8 +48,9 @@ are evaluated exactly (the f32 values a board computes), then
 Importance weights (float32[cols]) weight each column's squared error (in error-bound mode
 they only break ties).
 
-Board kernels (BoardOps): `prepare_activation` (xf = x; int8 mode adds ggml's Q8_0 per 32
-elements in xq/xd, and xs[b] = the exact integer sum of xq over block b as float32),
+Board kernels (BoardOps): `prepare_activation` (xf = x; int8 mode adds ggml's Q8_0 arithmetic
+per block of B elements in xq/xd -- one activation scale per weight block, so the int8 dot of
+a block is one integer sum -- and xs[b] = the exact integer sum of xq over block b as float32),
 `matvec_blocks`, `dequantize_into`, `count_blocks`. The 32-element group unpack and dot
 products are LLVM vector IR (formats/kernels.py explains why), and so are the matvec's loops
 over a class of blocks and its header walk (_fdense_run, _idense_run, _Walker); the chunk and
@@ -528,9 +529,9 @@ def _reduce_add(builder, v):
 
 
 def _emit_isum(builder, q, x):
-    """Exact sum of q_e*x_e for <32 x i8> q (unsigned) and x (signed), as i32."""
-    v32 = _vt(_I32, 32)
-    return _reduce_add(builder, builder.mul(builder.zext(q, v32), builder.sext(x, v32)))
+    """Exact sum of q_e*x_e for <n x i8> q (unsigned) and x (signed), as i32."""
+    vn = _vt(_I32, q.type.count)
+    return _reduce_add(builder, builder.mul(builder.zext(q, vn), builder.sext(x, vn)))
 
 
 @intrinsic
@@ -566,30 +567,30 @@ def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd
                     gp = b.lshr(p, ir.Constant(_I64, 5))
                     terms.append((live, gp, xp,
                                   b.mul(_q_at(context, b, bt, buf, qo, w, p), xp)))
-            t = ir.Constant(_F32, 0.0)
-            xb = b.lshr(x0, ir.Constant(_I64, 5))
-            zero = ir.Constant(_I32, 0)
-            for g in range(ng):
-                ptr = _data_ptr(context, b, bt, buf, b.add(qo, ir.Constant(_I64, 4 * w * g)))
-                x = _load(b, _data_ptr(context, b, xqt, xq,
-                                       b.add(x0, ir.Constant(_I64, G * g))), _vt(_I8, 32))
-                xi = b.add(xb, ir.Constant(_I64, g))
-                xsum = b.fptosi(b.load(_data_ptr(context, b, xst, xs, xi)), _I32)
-                isum = _emit_isum(b, _emit_q32(b, ptr, w), x)  # |I|, |z*X| < 2^21: exact
-                for live, gp, xp, qxp in terms:     # each outlier (a repeat too) leaves
-                    here = b.icmp_unsigned("==", gp, ir.Constant(_I64, g))
-                    if live is not None:
-                        here = b.and_(here, live)
-                    xsum = b.sub(xsum, b.select(here, xp, zero))
-                    isum = b.sub(isum, b.select(here, qxp, zero))
-                dx = b.load(_data_ptr(context, b, xdt, xd, xi))
-                if is_sym:
-                    zx = b.mul(ir.Constant(_I32, 1 << (w - 1)), xsum)
-                    v = b.fmul(dx, b.fmul(d, b.sitofp(b.sub(isum, zx), _F32)))
-                else:
-                    v = b.fmul(dx, b.fadd(b.fmul(d, b.sitofp(isum, _F32)),
-                                          b.fmul(m, b.sitofp(xsum, _F32))))
-                t = b.fadd(t, v)
+            # the activation is quantized per block (B values): one I and X per block
+            q = _emit_q32(b, _data_ptr(context, b, bt, buf, qo), w)
+            for g in range(1, ng):
+                q2 = _emit_q32(b, _data_ptr(context, b, bt, buf,
+                                            b.add(qo, ir.Constant(_I64, 4 * w * g))), w)
+                q = b.shuffle_vector(q, q2, _const_vec(_I32, range(64)))
+            x = _load(b, _data_ptr(context, b, xqt, xq, x0), _vt(_I8, G * ng))
+            xi = b.lshr(x0, ir.Constant(_I64, 5 + ng - 1))
+            xsum = b.fptosi(b.load(_data_ptr(context, b, xst, xs, xi)), _I32)
+            isum = _emit_isum(b, q, x)              # |I| < 2^22, |z*X| < 2^21: exact
+            for live, _, xp, qxp in terms:          # each outlier (a repeat too) leaves
+                if live is not None:
+                    xp = b.select(live, xp, ir.Constant(_I32, 0))
+                    qxp = b.select(live, qxp, ir.Constant(_I32, 0))
+                xsum = b.sub(xsum, xp)
+                isum = b.sub(isum, qxp)
+            dx = b.load(_data_ptr(context, b, xdt, xd, xi))
+            if is_sym:
+                zx = b.mul(ir.Constant(_I32, 1 << (w - 1)), xsum)
+                v = b.fmul(dx, b.fmul(d, b.sitofp(b.sub(isum, zx), _F32)))
+            else:
+                v = b.fmul(dx, b.fadd(b.fmul(d, b.sitofp(isum, _F32)),
+                                      b.fmul(m, b.sitofp(xsum, _F32))))
+            t = b.fadd(ir.Constant(_F32, 0.0), v)
             for live, _, val, xo in slots:
                 t = _add_term(b, t, live, b.fmul(val, xo))
             b.store(t, _data_ptr(context, b, tt, tout, kb))
@@ -975,22 +976,17 @@ def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs
                     m = _h(buf, ob + 1) if sym == 0 else np.float32(0.0)
                     d = np.float32(0.0)
                     t = np.float32(0.0)
-                    for g in range(ng):
-                        xo = x0 + G * g
-                        if not int8_mode:
-                            t += _fdot_const(m, xf, xo)
+                    if not int8_mode:
+                        for g in range(ng):
+                            t += _fdot_const(m, xf, x0 + G * g)
+                    else:               # the activation is quantized per block: one X
+                        xsum = np.int64(_at(xs, x0 // B))
+                        for jo in range(k):
+                            xsum -= np.int64(_at(xq, x0 + (np.int64(buf[po + jo]) & (B - 1))))
+                        if not sym:
+                            t += _at(xd, x0 // B) * (d * np.float32(0) + m * np.float32(xsum))
                         else:
-                            xsum = np.int64(_at(xs, xo >> 5))
-                            for jo in range(k):
-                                p = np.int64(buf[po + jo]) & (B - 1)
-                                if p >> 5 == g:
-                                    xsum -= np.int64(_at(xq, x0 + p))
-                            isum = np.int64(0)
-                            if sym:
-                                t += _at(xd, xo >> 5) * (d * np.float32(isum - 0 * xsum))
-                            else:
-                                t += _at(xd, xo >> 5) * (d * np.float32(isum)
-                                                         + m * np.float32(xsum))
+                            t += _at(xd, x0 // B) * (d * np.float32(0))
                     for jo in range(k):
                         p = np.int64(buf[po + jo]) & (B - 1)
                         v = _h(buf, po + k + 2 * jo)
@@ -1041,16 +1037,38 @@ def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs
 
 
 @kernel
-def _prepare_tail(x, xf, xq, xs, int8_mode):
+def _prepare_kernel(x, xf, xq, xd, xs, int8_mode, B):
+    """xf = x; int8 mode: per B values (the block size), ggml's AVX2 quantize_row_q8_0
+    arithmetic (kernels._prepare_kernel: d = amax/127 stored as fp16, q = round-half-even of
+    x*(127/amax), 0 if amax is 0) into xq and xd[b], and xs[b] = float32(the exact sum of the
+    block's q). B = 32 is Q8_0 itself."""
     n = x.size
     for i in range(n):
         xf[i] = x[i]
-    if int8_mode:
-        for b in range(n // G):
-            s = np.int64(0)
-            for j in range(G):
-                s += np.int64(xq[b * G + j])
-            xs[b] = np.float32(s)
+    if not int8_mode:
+        return
+    zero = np.float32(0.0)
+    for b in range(n // B):
+        i0 = b * B
+        amax = zero
+        for j in range(B):
+            a = np.abs(x[i0 + j])
+            if a > amax:
+                amax = a
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != zero else zero
+        xd[b] = K._f16_bits_to_f32(K._f32_to_f16_bits(d))
+        s = np.int64(0)
+        for j in range(B):
+            r = np.rint(x[i0 + j] * inv)
+            if r >= np.float32(-2147483648.0) and r < np.float32(2147483648.0):
+                v = np.int64(r)
+            else:
+                v = np.int64(-2147483648)                # cvtps2dq: NaN / out of range
+            v = min(max(v, -128), 127)
+            xq[i0 + j] = v
+            s += v
+        xs[b] = np.float32(s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1720,19 +1738,19 @@ def count_blocks(buf, max_blocks: int, block_size: int = 32) -> tuple[int, int]:
     return int(n), int(used)
 
 
-def prepare_activation(int8_mode, x, xf, xq, xd, xs) -> None:
-    """xf[:n] = x; int8 mode also xq/xd as ggml's Q8_0 (kernels.prepare_activation) and
-    xs[b] = float32(sum of xq[32b:32b+32]) (exact)."""
+def prepare_activation(int8_mode, x, xf, xq, xd, xs, block_size: int = 32) -> None:
+    """xf[:n] = x; int8 mode also, per block_size values b, xq and xd[b] quantized as ggml's
+    Q8_0 is per 32 (for block_size 32 exactly kernels.prepare_activation's Q8_0) and
+    xs[b] = float32(sum of the block's xq) (exact)."""
+    B = block_size
     n = len(x)
-    if n % G:
-        raise BadInput(f"prepare_activation QX: needs a multiple of {G} values, got {n}")
-    if len(xf) < n or (int8_mode and (len(xq) < n or len(xd) < n // G or len(xs) < n // G)):
+    if n % B:
+        raise BadInput(f"prepare_activation QX: needs a multiple of {B} values, got {n}")
+    if len(xf) < n or (int8_mode and (len(xq) < n or len(xd) < n // B or len(xs) < n // B)):
         raise BadInput(f"prepare_activation QX: {n} values need xf/xq of {n} and xd/xs of "
-                       f"{n // G}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
-    if int8_mode:
-        K.prepare_activation(K.T_Q8_0, True, x, xf, xq, xd, xs)
+                       f"{n // B}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
     try:
-        _prepare_tail(K._readonly(x), xf, xq, xs, bool(int8_mode))
+        _prepare_kernel(K._readonly(x), xf, xq, xd, xs, bool(int8_mode), B)
     except TypeError:
         raise K._bad_arrays("prepare_activation", x=x, xf=xf, xq=xq, xd=xd, xs=xs) from None
 
@@ -1743,11 +1761,12 @@ def matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq,
     first_block ..., blocks_per_row a row) with the activation; row_state is not used (every
     block is added on its own, so any split of a matrix into runs gives the same bits).
 
-    A block's dot t (float32) is, per 32-group in order: float mode, the fixed tree sum of
-    grid value * xf (outliers included at their grid value); int8 mode, xd*(d*I + m*X) or
-    xd*(d*(I - z*X)) with I, X the exact integer sums of q*xq and xq over the group's
-    non-outliers. Then each outlier adds (val - grid value)*xf (float mode) or val*xf (int8
-    mode); out[row] += t. Raw fp16 blocks: tree sums of value*xf in both modes.
+    A block's dot t (float32) is: float mode, per 32-group in order, the fixed tree sum of
+    grid value * xf (outliers included at their grid value); int8 mode (the activation
+    quantized per block, prepare_activation), 0 + xd*(d*I + m*X) or 0 + xd*(d*(I - z*X)) with
+    I, X the exact integer sums of q*xq and xq over the block's non-outliers. Then each
+    outlier adds (val - grid value)*xf (float mode) or val*xf (int8 mode); out[row] += t.
+    Raw fp16 blocks: tree sums of value*xf in both modes.
     """
     B = block_size
     if B not in (32, 64):
@@ -1756,10 +1775,10 @@ def matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq,
         raise BadInput(f"matvec QX: bad block range (n_blocks={n_blocks}, "
                        f"first_block={first_block}, blocks_per_row={blocks_per_row})")
     n_in = blocks_per_row * B
-    if len(xf) < n_in or (int8_mode and (len(xq) < n_in or len(xd) < n_in // G
-                                         or len(xs) < n_in // G)):
+    if len(xf) < n_in or (int8_mode and (len(xq) < n_in or len(xd) < blocks_per_row
+                                         or len(xs) < blocks_per_row)):
         raise BadInput(f"matvec QX: rows of {n_in} need xf/xq of {n_in} and xd/xs of "
-                       f"{n_in // G}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
+                       f"{blocks_per_row}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
     if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
         raise BadInput(f"matvec QX: blocks {first_block}..{first_block + n_blocks - 1} reach "
                        f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
@@ -1800,7 +1819,7 @@ def make_type(settings: QXSettings | None = None):
     s = settings or QXSettings()
     B = s.block_size
     ops = BoardOps(
-        prepare_activation,
+        lambda i8, x, xf, xq, xd, xs: prepare_activation(i8, x, xf, xq, xd, xs, block_size=B),
         lambda i8, buf, nb, fb, bpr, xf, xq, xd, xs, out, rs=None: matvec_blocks(
             i8, buf, nb, fb, bpr, xf, xq, xd, xs, out, rs, block_size=B),
         lambda buf, out: dequantize_into(buf, out, block_size=B),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from formats import qx, quants
+from formats import kernels, qx, quants
 from formats.errors import BadInput
 
 F32 = np.float32
@@ -92,9 +92,10 @@ def decode_payload(payload: np.ndarray, rows: int, cols: int, B: int):
     return out, blocks
 
 
-def q8_0(x: np.ndarray):
-    """ggml's AVX2 quantize_row_q8_0: per 32, d = amax/127 (fp16), q = rint(x*127/amax)."""
-    xb = x.reshape(-1, 32)
+def q8_0(x: np.ndarray, B: int = 32):
+    """ggml's AVX2 quantize_row_q8_0 arithmetic per B values (B = 32: Q8_0 itself): d =
+    amax/127 (fp16), q = rint(x*127/amax)."""
+    xb = x.reshape(-1, B)
     amax = np.abs(xb).max(axis=1)
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, F32(127) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(F32)
@@ -103,8 +104,9 @@ def q8_0(x: np.ndarray):
 
 
 def ref_dots(blocks, first, bpr, B, x, int8_mode):
-    """{row: (dot in float64, sum of |terms|)} for a run of decoded blocks."""
-    xq, xd = q8_0(x)
+    """{row: (dot in float64, sum of |terms|)} for a run of decoded blocks (int8 mode: the
+    activation quantized per block of B)."""
+    xq, xd = q8_0(x, B)
     res = {}
     for i, blk in enumerate(blocks):
         g = first + i
@@ -116,17 +118,16 @@ def ref_dots(blocks, first, bpr, B, x, int8_mode):
         else:
             terms = []
             outl = set(blk["pos"])
-            for sg in range(B // 32):
-                idx = [e for e in range(32 * sg, 32 * sg + 32) if e not in outl]
-                qx_ = xq[x0 + np.array(idx, int)].astype(np.int64) if idx else np.zeros(0, int)
-                qw = blk["q"][idx] if blk["c"] else np.zeros(len(idx), np.int64)
-                isum, xsum = int((qw * qx_).sum()), int(qx_.sum())
-                dd = float(xd[(x0 + 32 * sg) // 32])
-                if blk["S"]:
-                    z = (1 << (blk["c"] - 1)) if blk["c"] else 0
-                    terms.append(dd * float(blk["d"]) * (isum - z * xsum))
-                else:
-                    terms.append(dd * (float(blk["d"]) * isum + float(blk["m"]) * xsum))
+            idx = [e for e in range(B) if e not in outl]
+            qx_ = xq[x0 + np.array(idx, int)].astype(np.int64) if idx else np.zeros(0, int)
+            qw = blk["q"][idx] if blk["c"] else np.zeros(len(idx), np.int64)
+            isum, xsum = int((qw * qx_).sum()), int(qx_.sum())
+            dd = float(xd[x0 // B])
+            if blk["S"]:
+                z = (1 << (blk["c"] - 1)) if blk["c"] else 0
+                terms.append(dd * float(blk["d"]) * (isum - z * xsum))
+            else:
+                terms.append(dd * (float(blk["d"]) * isum + float(blk["m"]) * xsum))
             for p, v in zip(blk["pos"], blk["val"]):
                 terms.append(float(v) * float(x[x0 + p]))
             terms = np.array(terms)
@@ -374,26 +375,37 @@ def test_count_blocks_on_every_cut(bs):
 # ---------------------------------------------------------------------------------------------
 # Board kernels against the reference
 
-def _acts(x, int8_mode):
+def _acts(x, int8_mode, B=32):
     n = x.size
     xf, xq = np.full(n + 3, 7, F32), np.full(n + 3, 5, np.int8)
-    xd, xs = np.full(n // 32 + 2, 7, F32), np.full(n // 32 + 2, 7, F32)
-    qx.prepare_activation(int8_mode, x, xf, xq, xd, xs)
+    xd, xs = np.full(n // B + 2, 7, F32), np.full(n // B + 2, 7, F32)
+    qx.prepare_activation(int8_mode, x, xf, xq, xd, xs, block_size=B)
     return xf, xq, xd, xs
 
 
+@pytest.mark.parametrize("B", [32, 64])
 @pytest.mark.parametrize("int8_mode", [False, True])
-def test_prepare_activation(int8_mode):
+def test_prepare_activation(int8_mode, B):
+    """int8 mode: Q8 per weight block (B = 32 is ggml's Q8_0, as the ggml types get it)."""
     rng = np.random.default_rng(9)
-    x = rng.standard_normal(128).astype(F32)
-    x[:32] = 0
-    xf, xq, xd, xs = _acts(x, int8_mode)
-    np.testing.assert_array_equal(xf[:128], x)
+    x = rng.standard_normal(256).astype(F32)
+    x[:B] = 0
+    x[B + 5] = F32(-30.0)
+    xf, xq, xd, xs = _acts(x, int8_mode, B)
+    np.testing.assert_array_equal(xf[:256], x)
     if int8_mode:
-        q, d = q8_0(x)
-        np.testing.assert_array_equal(xq[:128], q)
-        np.testing.assert_array_equal(xd[:4], d)
-        np.testing.assert_array_equal(xs[:4], q.reshape(4, 32).astype(np.int64).sum(1))
+        q, d = q8_0(x, B)
+        nb = 256 // B
+        np.testing.assert_array_equal(xq[:256], q)
+        np.testing.assert_array_equal(xd[:nb], d)
+        np.testing.assert_array_equal(xs[:nb], q.reshape(nb, B).astype(np.int64).sum(1))
+        assert xq[B + 5] == -127 and xd[1] == F32(np.float16(F32(30.0) / F32(127)))
+        if B == 32:                  # the ggml types' own Q8_0
+            kq, kd = np.zeros(256, np.int8), np.zeros(8, F32)
+            kernels.prepare_activation(kernels.T_Q8_0, True, x, np.zeros(256, F32), kq, kd,
+                                       np.zeros(8, F32))
+            np.testing.assert_array_equal(xq[:256], kq)
+            np.testing.assert_array_equal(xd[:8], kd)
 
 
 @settings(max_examples=40, deadline=None)
@@ -412,7 +424,7 @@ def test_matvec_matches_reference(int8_mode, bs, rows, bpr, opts, xscale, seed, 
     _, blocks = decode_payload(payload, rows, cols, bs)
     ends = np.concatenate([[0], np.cumsum([b["size"] for b in blocks])])
     x = (rng.standard_normal(cols) * xscale).astype(F32)
-    xf, xq, xd, xs = _acts(x, int8_mode)
+    xf, xq, xd, xs = _acts(x, int8_mode, bs)
     total = rows * bpr
     first = data.draw(st.integers(0, total - 1))
     n = data.draw(st.integers(1, total - first))
@@ -478,20 +490,17 @@ def exact_dots(blocks, first, bpr, B, xf, xq, xd, xs, out, int8_mode):
             for p, v in zip(pos, blk["val"]):
                 t = F32(t + F32(F32(v) - w[p]) * xf[x0 + p])
         else:
-            for g in range(B // 32):
-                b = (x0 >> 5) + g
-                X = int(xs[b])
-                Isum = (int(np.dot(q[32 * g:32 * g + 32], xq[x0 + 32 * g:x0 + 32 * g + 32]
-                                   .astype(np.int64))) if c else 0)
-                for p in pos:
-                    if p >> 5 == g:
-                        X -= int(xq[x0 + p])
-                        if c:
-                            Isum -= int(q[p]) * int(xq[x0 + p])
-                if S:
-                    t = F32(t + xd[b] * F32(d * F32(Isum - z * X)))
-                else:
-                    t = F32(t + xd[b] * F32(F32(d * F32(Isum)) + F32(m * F32(X))))
+            b = x0 // B                        # the activation block is the weight block
+            X = int(xs[b])
+            Isum = int(np.dot(q, xq[x0:x0 + B].astype(np.int64))) if c else 0
+            for p in pos:
+                X -= int(xq[x0 + p])
+                if c:
+                    Isum -= int(q[p]) * int(xq[x0 + p])
+            if S:
+                t = F32(t + xd[b] * F32(d * F32(Isum - z * X)))
+            else:
+                t = F32(t + xd[b] * F32(F32(d * F32(Isum)) + F32(m * F32(X))))
             for p, v in zip(pos, blk["val"]):
                 t = F32(t + F32(v) * xf[x0 + p])
         out[row] = F32(out[row] + t)
@@ -548,7 +557,7 @@ def test_matvec_is_bit_exact(bs, int8_mode, seed):
     x = (rng.standard_normal(cols) * rng.choice([1e-3, 1.0, 300.0])).astype(F32)
     x[rng.integers(0, cols)] = 0
     x[rng.integers(0, cols)] = -0.0
-    xf, xq, xd, xs = _acts(x, int8_mode)
+    xf, xq, xd, xs = _acts(x, int8_mode, bs)
     out0 = rng.standard_normal(rows).astype(F32)
     out0[0] = -0.0
     t = quants.by_name(f"QX:bs={bs}")
@@ -577,7 +586,7 @@ def test_matvec_error_leaves_earlier_rows():
     x = rng.standard_normal(bpr * bs).astype(F32)
     t = quants.by_name("QX:bs=32")
     for int8_mode in (False, True):
-        xf, xq, xd, xs = _acts(x, int8_mode)
+        xf, xq, xd, xs = _acts(x, int8_mode, bs)
         for cut_block in (0, 4, 6, 11):
             for extra in (0, 1):              # the buffer ends at a block / inside it
                 got = np.zeros(rows, F32)
@@ -674,7 +683,7 @@ def test_garbage_bytes_never_crash(data, bs, int8_mode):
     assert 0 <= used <= buf.size
     bpr = 2
     x = np.linspace(-1, 1, bpr * bs).astype(F32)
-    xf, xq, xd, xs = _acts(x, int8_mode)
+    xf, xq, xd, xs = _acts(x, int8_mode, bs)
     out = np.zeros(n // bpr + 1, F32)
     t.matvec_blocks(int8_mode, buf[:used], n, 0, bpr, xf, xq, xd, xs, out)
     deq = np.zeros(n * bs, F32)
