@@ -357,16 +357,20 @@ def _fill32(typingctx, out, i, v):
     return sig, codegen
 
 
-def _run_header(context, builder, sig, buf, offs, x0s, lst, base, i, w, sym):
+def _run_header(context, builder, sig, buf, offs, x0s, lst, base, i, w, sym, kd):
     """For entry i of a block list: (block index, offset, x0, n_out, d, m, offset of the
-    quants) of a block of width w (1..8) and S = sym (m = -0.0 if S = 1)."""
+    quants) of a block of width w (1..8), S = sym (m = -0.0 if S = 1) and outlier kind kd
+    (_width_runs: below 3 the class fixes n_out, so the header byte is not read)."""
     bt, ot, xt, lt = sig.args[:4]
     kb = builder.sext(builder.load(_data_ptr(context, builder, lt, lst, builder.add(base, i))),
                       _I64)
     o = builder.load(_data_ptr(context, builder, ot, offs, kb))
     x0 = builder.load(_data_ptr(context, builder, xt, x0s, kb))
-    hdr = builder.zext(builder.load(_data_ptr(context, builder, bt, buf, o)), _I64)
-    n_out = builder.lshr(hdr, ir.Constant(_I64, 5))
+    if kd < 3:
+        n_out = ir.Constant(_I64, kd)
+    else:
+        hdr = builder.zext(builder.load(_data_ptr(context, builder, bt, buf, o)), _I64)
+        n_out = builder.lshr(hdr, ir.Constant(_I64, 5))
     h = _load(builder, _data_ptr(context, builder, bt, buf, builder.add(o, ir.Constant(_I64, 1))),
               _vt(K._I16, 2))
     f = builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), 2)), _vt(_F32, 2))
@@ -486,8 +490,10 @@ def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, to
             _run_loop(b, n, walker, lambda b, j: block(b, j, w, is_sym, kd, ng))
 
         def block(b, j, w, is_sym, kd, ng):
+            # n_out from the header byte even where the class fixes it: measured, the float
+            # loops run faster with that load (0.19 against 0.22 ns/w; int8 the other way)
             kb, o, x0, n_out, d, m, qo = _run_header(context, b, sig, buf, offs, x0s, lst,
-                                                     base, j, w, is_sym)
+                                                     base, j, w, is_sym, 3)
             zq = ir.Constant(_I64, (1 << (w - 1)) if is_sym else 0)
             t = ir.Constant(_F32, 0.0)
             for g in range(ng):
@@ -556,7 +562,7 @@ def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd
 
         def block(b, j, w, is_sym, kd, ng):
             kb, o, x0, n_out, d, m, qo = _run_header(context, b, sig, buf, offs, x0s, lst,
-                                                     base, j, w, is_sym)
+                                                     base, j, w, is_sym, kd)
             slots = terms = ()
             if kd:
                 slots = _outlier_slots(context, b, bt, buf, o, n_out, kd, is_sym, G * ng,
