@@ -982,6 +982,32 @@ def _bf16_round(f):
     return _bits_f32(h << 16)
 
 
+@kernel(inline="always")
+def _q8_block(x, i0, n, xq, xd, b):
+    """ggml's AVX2 quantize_row_q8_0 of x[i0:i0+n] into xq[i0:i0+n] and xd[b] (d = amax/127
+    rounded to fp16; q = x*(127/amax) rounded half to even, 0 if amax is 0). Returns d before
+    the fp16 rounding and the int64 sum of the values before their int8 clamp (Q8_1's s)."""
+    zero = np.float32(0.0)
+    amax = zero
+    for j in range(n):
+        a = np.abs(x[i0 + j])
+        if a > amax:
+            amax = a
+    d = amax / np.float32(127.0)
+    inv = np.float32(127.0) / amax if amax != zero else zero
+    xd[b] = _f16_bits_to_f32(_f32_to_f16_bits(d))
+    s = np.int64(0)
+    for j in range(n):
+        r = np.rint(x[i0 + j] * inv)                # _mm256_round_ps: half to even
+        if r >= np.float32(-2147483648.0) and r < np.float32(2147483648.0):
+            v = np.int64(r)
+        else:
+            v = np.int64(-2147483648)                # cvtps2dq: NaN / out of range
+        s += v
+        xq[i0 + j] = min(max(v, -128), 127)          # packs_epi32 + packs_epi16
+    return d, s
+
+
 @kernel
 def _prepare_kernel(type_id, int8_mode, x, xf, xq, xd, xs):
     """The activation x in the form the type's dot needs (see prepare_activation)."""
@@ -998,26 +1024,8 @@ def _prepare_kernel(type_id, int8_mode, x, xf, xq, xd, xs):
     else:
         # ggml's AVX2 quantize_row_q8_0 / quantize_row_q8_1, one 32-block at a time
         q8_1 = type_id == T_Q4_1 or type_id == T_Q5_1
-        zero = np.float32(0.0)
         for b in range(n // QK):
-            i0 = b * QK
-            amax = zero
-            for j in range(QK):
-                a = np.abs(x[i0 + j])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax != zero else zero
-            xd[b] = _f16_bits_to_f32(_f32_to_f16_bits(d))
-            s = np.int64(0)
-            for j in range(QK):
-                r = np.rint(x[i0 + j] * inv)                # _mm256_round_ps: half to even
-                if r >= np.float32(-2147483648.0) and r < np.float32(2147483648.0):
-                    v = np.int64(r)
-                else:
-                    v = np.int64(-2147483648)                # cvtps2dq: NaN / out of range
-                s += v
-                xq[i0 + j] = min(max(v, -128), 127)          # packs_epi32 + packs_epi16
+            d, s = _q8_block(x, b * QK, QK, xq, xd, b)
             if q8_1:
                 s = ((s + 2147483648) & 0xFFFFFFFF) - 2147483648   # int32 sum (wraps)
                 xs[b] = _f16_bits_to_f32(_f32_to_f16_bits(d * np.float32(s)))

@@ -1045,35 +1045,18 @@ def _matvec_kernel(int8_mode, buf, n_blocks, first_block, bpr, B, xf, xq, xd, xs
 @kernel
 def _prepare_kernel(x, xf, xq, xd, xs, int8_mode, B):
     """xf = x; int8 mode: per B values (the block size), ggml's AVX2 quantize_row_q8_0
-    arithmetic (kernels._prepare_kernel: d = amax/127 stored as fp16, q = round-half-even of
-    x*(127/amax), 0 if amax is 0) into xq and xd[b], and xs[b] = float32(the exact sum of the
-    block's q). B = 32 is Q8_0 itself."""
+    arithmetic (kernels._q8_block) into xq and xd[b], and xs[b] = float32(the exact sum of
+    the block's q). B = 32 is Q8_0 itself."""
     n = x.size
     for i in range(n):
         xf[i] = x[i]
     if not int8_mode:
         return
-    zero = np.float32(0.0)
     for b in range(n // B):
-        i0 = b * B
-        amax = zero
-        for j in range(B):
-            a = np.abs(x[i0 + j])
-            if a > amax:
-                amax = a
-        d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax != zero else zero
-        xd[b] = K._f16_bits_to_f32(K._f32_to_f16_bits(d))
+        K._q8_block(x, b * B, B, xq, xd, b)
         s = np.int64(0)
-        for j in range(B):
-            r = np.rint(x[i0 + j] * inv)
-            if r >= np.float32(-2147483648.0) and r < np.float32(2147483648.0):
-                v = np.int64(r)
-            else:
-                v = np.int64(-2147483648)                # cvtps2dq: NaN / out of range
-            v = min(max(v, -128), 127)
-            xq[i0 + j] = v
-            s += v
+        for j in range(b * B, b * B + B):
+            s += np.int64(xq[j])
         xs[b] = np.float32(s)
 
 
@@ -1777,18 +1760,13 @@ def matvec_blocks(int8_mode, buf, n_blocks, first_block, blocks_per_row, xf, xq,
     B = block_size
     if B not in (32, 64):
         raise BadInput(f"matvec QX: block size must be 32 or 64, got {B}")
-    if n_blocks < 0 or first_block < 0 or blocks_per_row < 1:
-        raise BadInput(f"matvec QX: bad block range (n_blocks={n_blocks}, "
-                       f"first_block={first_block}, blocks_per_row={blocks_per_row})")
+    # block range and rows (block_bytes 0: the kernel checks each block against buf itself)
+    K.check_run("QX", buf, 0, n_blocks, first_block, blocks_per_row, out)
     n_in = blocks_per_row * B
     if len(xf) < n_in or (int8_mode and (len(xq) < n_in or len(xd) < blocks_per_row
                                          or len(xs) < blocks_per_row)):
         raise BadInput(f"matvec QX: rows of {n_in} need xf/xq of {n_in} and xd/xs of "
                        f"{blocks_per_row}, got {len(xf)}, {len(xq)}, {len(xd)}, {len(xs)}")
-    if n_blocks and (first_block + n_blocks - 1) // blocks_per_row >= len(out):
-        raise BadInput(f"matvec QX: blocks {first_block}..{first_block + n_blocks - 1} reach "
-                       f"row {(first_block + n_blocks - 1) // blocks_per_row}, out has "
-                       f"{len(out)} rows")
     try:
         status = _matvec_kernel(bool(int8_mode), K._readonly(buf), n_blocks, first_block,
                                 blocks_per_row, B, K._readonly(xf), K._readonly(xq),
