@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,26 @@ FIXTURES = Path(os.environ.get("RWKV_STREAM_FIXTURES", REPO.parent / "shared" / 
 MODELS = {"4v0-660K": "4", "5v1-730K": "5.1", "5v2-730K": "5.2", "6v0-3m": "6",
           "7v0-834K": "7"}
 QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+# The serial link's fault mixes (host.link.relay.Faults keyword arguments), for the link tests
+# against the simulated board and against the C board.
+LINK_FAULTS = {
+    "dropped bytes": dict(drop_byte=0.08),
+    "flipped bits": dict(flip_bit=0.08),
+    "dropped frames": dict(drop_frame=0.04),
+    "duplicated frames": dict(duplicate=0.1),
+    "reordered frames": dict(reorder=0.1),
+    "delays": dict(delay=0.05, delay_s=0.03),
+    "everything": dict(drop_byte=0.03, flip_bit=0.03, drop_frame=0.02, duplicate=0.03,
+                       reorder=0.03, delay=0.02, delay_s=0.02),
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fixture_path(*parts) -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, fixture_path
+from conftest import LINK_FAULTS, REPO, fixture_path, free_port
 from firmware_sim.board import Board
 from firmware_sim.sources import BytesSource
 from formats.arch import RwkvVersion
@@ -167,6 +167,15 @@ def prompt_args(n=8):
 
 
 # -- the C board on a port ---------------------------------------------------------------------
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a board process, killing it if it has not gone within 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class CBoard:
     """board_host at the end of a pty cable (relay.py, faults optional) or on a loopback socket
     behind a SocketRelay."""
@@ -215,11 +224,7 @@ class CBoard:
         return sum(r.faults_injected for r in relays)
 
     def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
         if self.socket_relay:
             self.socket_relay.close()
         if self.relay:
@@ -403,15 +408,7 @@ def test_set_baud_keeps_talking(board_exe, small):
 
 
 # -- (b) the fault relay between the host tools and the C board -----------------------------------
-FAULTS = {
-    "dropped bytes": dict(drop_byte=0.08),
-    "flipped bits": dict(flip_bit=0.08),
-    "dropped frames": dict(drop_frame=0.04),
-    "duplicated frames": dict(duplicate=0.1),
-    "reordered frames": dict(reorder=0.1),
-    "everything": dict(drop_byte=0.03, flip_bit=0.03, drop_frame=0.02, duplicate=0.03,
-                       reorder=0.03, delay=0.02, delay_s=0.02),
-}
+FAULTS = {k: v for k, v in LINK_FAULTS.items() if k != "delays"}
 
 
 @pytest.fixture(scope="module")
@@ -534,14 +531,6 @@ def test_link_failure_mid_pass_is_undone_and_the_next_eval_runs(board_exe, small
 
 
 # -- (c) QEMU mps2-an385 ------------------------------------------------------------------------
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class Qemu:
     """The firmware on QEMU's mps2-an385, UART0 on a TCP socket (nodelay: no 40 ms per
     reply); `preload` goes into the PSRAM that stands in for flash (-device loader)."""
@@ -571,11 +560,7 @@ class Qemu:
         self.url = f"socket://127.0.0.1:{self.port}"
 
     def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
     def __enter__(self):
         return self

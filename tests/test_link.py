@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import LINK_FAULTS, fixture_path
 from firmware_sim.board import Board
 from firmware_sim.link_board import FLASH_DATA
 from formats.errors import BadInput
@@ -113,23 +113,11 @@ def test_fixture_model_live_over_pty():
     assert np.array_equal(got, want)
 
 
-# -- faults ----------------------------------------------------------------------------------
-FAULTS = {
-    "dropped bytes": dict(drop_byte=0.08),
-    "flipped bits": dict(flip_bit=0.08),
-    "dropped frames": dict(drop_frame=0.04),
-    "duplicated frames": dict(duplicate=0.1),
-    "reordered frames": dict(reorder=0.1),
-    "delays": dict(delay=0.05, delay_s=0.03),
-    "everything": dict(drop_byte=0.03, flip_bit=0.03, drop_frame=0.02, duplicate=0.03,
-                       reorder=0.03, delay=0.02, delay_s=0.02),
-}
-
-
+# -- faults (the mixes are conftest.LINK_FAULTS) ---------------------------------------------
 @pytest.mark.parametrize("mode", ["live", "install"])
-@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("fault", list(LINK_FAULTS))
 def test_faulty_cable_gives_identical_logits(fault, mode, model, data, tmp_path):
-    f = FAULTS[fault]
+    f = LINK_FAULTS[fault]
     seed = zlib.crc32(f"{fault}/{mode}".encode())
     kind = "socket" if fault in ("reordered frames", "delays") else "pty"
     with Rig(kind, to_board=Faults(**f), to_host=Faults(**f), seed=seed,

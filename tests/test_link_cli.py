@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import tty
 
 import pytest
 
-from conftest import REPO, fixture_path, run_cli
+from conftest import REPO, fixture_path, free_port, run_cli
 from test_link_rig import stream_bytes, synth_model
 
 
@@ -22,12 +21,6 @@ def stream_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("link") / "model.rwks"
     path.write_bytes(stream_bytes(synth_model()))
     return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
