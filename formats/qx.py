@@ -842,39 +842,20 @@ def _dequantize_kernel(buf, n_blocks, B, out, i0):
     bytes read."""
     o = 0
     for b in range(n_blocks):
-        h = np.int64(buf[o])
-        c = h & 15
-        sym = (h >> 4) & 1
-        k = h >> 5
+        c, sym, k, d, m, zq, po, qo, size = _block_params(buf, o, B)
         i = i0 + b * B
         if c == RAW:
             for g in range(B // G):
-                _f16x32(buf, o + 1 + 2 * G * g, out, i + G * g)
-            o += 1 + 2 * B
-            continue
-        p = o + 1
-        d = np.float32(0.0)
-        m = np.float32(0.0)
-        if c > 0:
-            d = _h(buf, p)
-            p += 2
-        if sym == 0:
-            m = _h(buf, p)
-            p += 2
-        zq = np.int64(0)
-        if sym == 1 and c > 0:
-            zq = np.int64(1) << (c - 1)
-            m = np.float32(-0.0)        # x + -0.0 == x bit for bit: the value is (q - z)*d
-        po = p
-        qo = p + 3 * k
-        for g in range(B // G):
-            if c == 0:
-                _fill32(out, i + G * g, m)
-            else:
-                _deq_any(buf, qo + 4 * c * g, c, d, m, zq, out, i + G * g)
-        for j in range(k):
-            out[i + (np.int64(buf[po + j]) & (B - 1))] = _h(buf, po + k + 2 * j)
-        o = qo + ((B * c) >> 3)
+                _f16x32(buf, qo + 2 * G * g, out, i + G * g)
+        else:
+            for g in range(B // G):
+                if c == 0:
+                    _fill32(out, i + G * g, m)
+                else:
+                    _deq_any(buf, qo + 4 * c * g, c, d, m, zq, out, i + G * g)
+            for j in range(k):
+                out[i + (np.int64(buf[po + j]) & (B - 1))] = _h(buf, po + k + 2 * j)
+        o += size
     return o
 
 
