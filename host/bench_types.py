@@ -22,7 +22,7 @@ import numpy as np
 from formats import quants, qx
 
 DEFAULT_TYPES = ("Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "QX:bpw=4.5",
-                 "QX:bs=64,bpw=4.5", "QX:bpw=3.5", "QX:err=0.05")
+                 "QX:bs=32,bpw=4.5", "QX:bpw=3.5", "QX:err=0.05")
 
 
 def _best(fn, repeat: int) -> float:
@@ -148,7 +148,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-sim", action="store_true", help="kernels only (skip part 2)")
     ap.add_argument("types", nargs="*", default=list(DEFAULT_TYPES),
-                    help="types, e.g. Q4_K 'QX:bs=64,bpw=3.5' QX:err=0.05")
+                    help="types, e.g. Q4_K 'QX:bs=32,bpw=3.5' QX:err=0.05")
     a = ap.parse_args(argv)
     print(format_table(run(a.rows, a.cols, a.repeat, a.types, simulator=not a.no_sim)))
 

@@ -19,7 +19,7 @@ from .stream import VirtualStream
 
 SETTINGS = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "Q4_0", "Q3_K", "Q2_K",
             "QX:bpw=6", "QX:bpw=5", "QX:bpw=4.5", "QX:bpw=4", "QX:bpw=3.5", "QX:bpw=3",
-            "QX:bs=64,bpw=4.5", "QX:bs=64,bpw=3.5",
+            "QX:bs=32,bpw=4.5", "QX:bs=32,bpw=3.5",
             "auto:6", "auto:5", "auto:4.5", "auto:4", "auto:3.5")
 
 

@@ -152,20 +152,20 @@ def matrix(rng, rows, cols, scale=1.0, spikes=True):
 # The type table entry and options
 
 def test_table_entry_and_variants():
-    t = quants.by_name("QX")
-    assert (t.id, t.name, t.block_size, t.block_bytes, t.params) == (128, "QX", 32, 0, (32, 0))
-    assert t.variable and t.max_block_bytes == qx.max_block_bytes(32) == 65
+    t = quants.by_name("QX")                     # the default: 64-blocks
+    assert (t.id, t.name, t.block_size, t.block_bytes, t.params) == (128, "QX", 64, 0, (64, 0))
+    assert t.variable and t.max_block_bytes == qx.max_block_bytes(64) == 129
     assert quants.by_id(128) is t
-    v = quants.by_name("QX:bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
-    assert (v.id, v.name, v.block_size, v.params, v.max_block_bytes) == (128, "QX", 64, (64, 0),
-                                                                          129)
-    s = qx.parse_options("bs=64,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
-    assert s == qx.QXSettings(64, 3.5, None, None, (2, 3, 4, 5, 6, 8), 4)
+    v = quants.by_name("QX:bs=32,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
+    assert (v.id, v.name, v.block_size, v.params, v.max_block_bytes) == (128, "QX", 32, (32, 0),
+                                                                          65)
+    s = qx.parse_options("bs=32,bpw=3.5,widths=2,3,4,5,6,8,outliers=4")
+    assert s == qx.QXSettings(32, 3.5, None, None, (2, 3, 4, 5, 6, 8), 4)
     assert qx.parse_options("err=0.01") == qx.QXSettings(err=0.01, bpw=None)
     assert qx.parse_options("rel=0.05,outliers=0").rel == 0.05
     assert qx.parse_options(s.options()) == s
     # a variant's own variant keeps its settings
-    assert v.configure("bs=32").block_size == 32
+    assert v.configure("bs=64").block_size == 64
     for bad in ("bs=48", "bpw=-1", "widths=9", "outliers=8", "foo=1", "bpw=x", "3"):
         with pytest.raises(BadInput):
             quants.by_name("QX:" + bad)
@@ -227,7 +227,7 @@ def test_payload_checks():
 
 
 def test_quantize_from_f16_source():
-    t = quants.by_name("QX:err=0.01")
+    t = quants.by_name("QX:bs=32,err=0.01")
     w = matrix(np.random.default_rng(2), 4, 96).astype(np.float16)
     got = t.quantize_from(quants.by_name("F16"), w.tobytes(), 96)
     np.testing.assert_array_equal(got, t.quantize(w.astype(F32)))
@@ -275,18 +275,18 @@ def test_error_bound_takes_cheapest_width():
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     # integers 0..3 are exact with 2 bits: every block 1 + 2 + 2 + 8 bytes at most
     ints = rng.integers(0, 4, (2, 64)).astype(F32)
-    p = qx.quantize_rows(ints, "err=1e-6")
+    p = qx.quantize_rows(ints, "bs=32,err=1e-6")
     _, blocks = decode_payload(p, 2, 64, 32)
     assert all(b["c"] <= 2 for b in blocks)
-    np.testing.assert_array_equal(qx.dequantize_payload(p, ints.shape), ints)
+    np.testing.assert_array_equal(qx.dequantize_payload(p, ints.shape, 32), ints)
 
 
 def test_outliers_make_blocks_cheaper():
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((4, 128)) * 0.1).astype(F32)
     x[:, ::32] = 20.0                                        # one spike per block
-    with_o = qx.quantize_rows(x, "err=0.01")
-    without = qx.quantize_rows(x, "err=0.01,outliers=0")
+    with_o = qx.quantize_rows(x, "bs=32,err=0.01")
+    without = qx.quantize_rows(x, "bs=32,err=0.01,outliers=0")
     assert with_o.size < without.size
     _, blocks = decode_payload(with_o, 4, 128, 32)
     assert all(b["k"] >= 1 for b in blocks)
@@ -609,15 +609,16 @@ def test_matvec_float_mode_is_dequantized_dot():
     rng = np.random.default_rng(10)
     rows, cols = 16, 256
     w = matrix(rng, rows, cols)
-    t = quants.by_name("QX:bpw=4.5")
-    p = t.quantize(w)
     x = rng.standard_normal(cols).astype(F32)
-    xf, xq, xd, xs = _acts(x, False)
-    out = np.zeros(rows, F32)
-    t.matvec_blocks(False, p[4 * (rows + 1):], rows * cols // 32, 0, cols // 32, xf, xq, xd, xs,
-                    out)
-    deq = t.dequantize(p, (rows, cols)).astype(np.float64)
-    np.testing.assert_allclose(out, deq @ x, rtol=1e-5, atol=1e-4)
+    for bs in (32, 64):
+        t = quants.by_name(f"QX:bs={bs},bpw=4.5")
+        p = t.quantize(w)
+        xf, xq, xd, xs = _acts(x, False, bs)
+        out = np.zeros(rows, F32)
+        t.matvec_blocks(False, p[4 * (rows + 1):], rows * cols // bs, 0, cols // bs, xf, xq, xd,
+                        xs, out)
+        deq = t.dequantize(p, (rows, cols)).astype(np.float64)
+        np.testing.assert_allclose(out, deq @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_matvec_validates():
@@ -663,7 +664,7 @@ def test_dequantize_into_matches_table(bs):
 
 def test_target_below_the_smallest_encoding_gives_the_smallest():
     x = matrix(np.random.default_rng(13), 4, 128)
-    p = qx.quantize_rows(x, "bpw=0.01")
+    p = qx.quantize_rows(x, "bs=32,bpw=0.01")
     _, blocks = decode_payload(p, 4, 128, 32)
     assert all(b["size"] == 1 for b in blocks)           # S = 1, c = 0: an all-zero block
 

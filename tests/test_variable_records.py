@@ -251,7 +251,7 @@ def test_qx_payload_damage_behind_a_good_crc_is_caught(qx_stream, tmp_path_facto
         structurally_ok = False
         assert off <= e.offset < off + 32 + size + 4, e.line()
     try:
-        board = Board(BytesSource(bad), chunk=128)
+        board = Board(BytesSource(bad), chunk=256)     # a raw 64-block is 129 bytes
         board.eval(3)
         board_ok = True
     except BadInput as e:

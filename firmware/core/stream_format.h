@@ -156,7 +156,7 @@
 #define RS_TYPE_BF16_BLOCK_SIZE                  1  /* elements per block */
 #define RS_TYPE_BF16_BLOCK_BYTES                 2  /* bytes per block */
 #define RS_TYPE_QX                               128
-#define RS_TYPE_QX_BLOCK_SIZE                    32  /* elements per block */
+#define RS_TYPE_QX_BLOCK_SIZE                    64  /* elements per block */
 #define RS_TYPE_QX_BLOCK_BYTES                   0  /* bytes per block */
 
 /* architectures (header field arch) */
