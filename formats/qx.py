@@ -58,7 +58,9 @@ class control is numba.
 """
 from __future__ import annotations
 
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -83,6 +85,8 @@ DEFAULT_WIDTHS = (1, 2, 3, 4, 5, 6, 8)
 # (docs/quality) and half the per-block cost of the matvec (a block's header walk and
 # bookkeeping cost about as much as Q4_0's whole 32-block dot)
 DEFAULT_BLOCK_SIZE = 64
+_MAX_THREADS = 8                  # quantize_rows: threads at most, and weights at least per
+_MIN_THREAD_WEIGHTS = 1 << 16     # thread (below that a thread costs more than it saves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1605,6 +1609,19 @@ def _as_settings(settings) -> QXSettings:
     return settings
 
 
+def _by_rows(rows: int, cols: int, analyze) -> None:
+    """analyze(r0, r1) over row ranges, on up to one thread per core: every block is
+    analysed on its own and the kernel releases the GIL, so the split changes no byte of
+    the result, only the time (the exhaustive search is QX quantize's cost)."""
+    workers = min(os.cpu_count() or 1, _MAX_THREADS, max(1, rows * cols // _MIN_THREAD_WEIGHTS))
+    if workers <= 1 or rows < 2:
+        analyze(0, rows)
+        return
+    cuts = [rows * i // workers for i in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(analyze, cuts[:-1], cuts[1:]))
+
+
 def quantize_rows(x, settings=None, importance=None) -> np.ndarray:
     """float32 (rows, cols) -> the QX record payload (uint8): row-offset table, then the rows.
 
@@ -1633,24 +1650,28 @@ def quantize_rows(x, settings=None, importance=None) -> np.ndarray:
             raise BadInput(f"QX importance needs {cols} finite values >= 0")
     cw, cs, ck, cidx, wlist = _candidates(s)
     kmax = s.max_outliers
-    n_blocks = rows * (cols // B)
+    bpr = cols // B
+    n_blocks = rows * bpr
     table = 4 * (rows + 1)
     choice = np.zeros(n_blocks, np.int64)
     if s.bpw is None:
         floor = 0.0
         if s.rel is not None and x.size:
             floor = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-        _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, float(s.err or 0.0),
-                 float(s.rel or 0.0), floor, True, choice, np.zeros((1, 1), np.int16),
-                 np.zeros((1, 1), np.int16), np.zeros((1, 1), np.float32), np.zeros(1, np.int64))
+        hull = (np.zeros((1, 1), np.int16), np.zeros((1, 1), np.int16),
+                np.zeros((1, 1), np.float32), np.zeros(1, np.int64))
+        _by_rows(rows, cols, lambda r0, r1: _analyze(
+            x[r0:r1], B, imp, cw, cs, ck, cidx, wlist, kmax, float(s.err or 0.0),
+            float(s.rel or 0.0), floor, True, choice[r0 * bpr:r1 * bpr], *hull))
     elif n_blocks:
         H = 24
         hull_c = np.zeros((n_blocks, H), np.int16)     # compact: ~6 bytes a weight at B=32
         hull_b = np.zeros((n_blocks, H), np.int16)
         hull_e = np.zeros((n_blocks, H), np.float32)
         hull_n = np.zeros(n_blocks, np.int64)
-        _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, 0.0, 0.0, 0.0, False, choice,
-                 hull_c, hull_b, hull_e, hull_n)
+        _by_rows(rows, cols, lambda r0, r1: _analyze(
+            x[r0:r1], B, imp, cw, cs, ck, cidx, wlist, kmax, 0.0, 0.0, 0.0, False,
+            *(a[r0 * bpr:r1 * bpr] for a in (choice, hull_c, hull_b, hull_e, hull_n))))
         budget = int(np.floor(s.bpw * rows * cols / 8.0)) - table - int(hull_b[:, 0].sum())
         j = np.arange(1, H)
         valid = j[None, :] < hull_n[:, None]

@@ -295,6 +295,18 @@ def test_outliers_make_blocks_cheaper():
 # ---------------------------------------------------------------------------------------------
 # Target-size mode
 
+@pytest.mark.parametrize("opts", ["bpw=3.5", "bs=32,bpw=4.5", "err=0.02"])
+def test_threads_change_no_byte(opts, monkeypatch):
+    """quantize_rows analyses row ranges on threads: one thread and one per row range (and
+    more ranges than this machine has cores) give the same payload."""
+    x = matrix(np.random.default_rng(21), 96, 512)
+    monkeypatch.setattr(qx, "_MIN_THREAD_WEIGHTS", 1 << 40)
+    one = qx.quantize_rows(x, opts)
+    monkeypatch.setattr(qx, "_MIN_THREAD_WEIGHTS", 1)
+    monkeypatch.setattr(qx.os, "cpu_count", lambda: 7)
+    np.testing.assert_array_equal(qx.quantize_rows(x, opts), one)
+
+
 @pytest.mark.parametrize("bs", [32, 64])
 @pytest.mark.parametrize("bpw", [1.5, 2.5, 3.0, 4.5, 6.0, 8.5])
 def test_target_size_met_within_one_block(bs, bpw):
