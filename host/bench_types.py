@@ -1,10 +1,11 @@
 """`rwkv-stream bench types`: the k-quants and QX next to Q4_0, in one run.
 
 Part 1, kernels: the same float32 matrix (standard normal, with 1 % of the weights scaled by 12
-so that outliers matter), one thread, best of `repeat` runs. MB/s is of float32 values (4 bytes
-per weight), as in `bench quantize`; the dot kernels are ns per weight for one full matvec over
-the matrix (`matvec_blocks` over all blocks, the activation prepared once), in float and int8
-mode, with the ratio to Q4_0.
+so that outliers matter), best of `repeat` runs. MB/s is of float32 values (4 bytes per
+weight), as in `bench quantize`; QX's quantizer uses a thread per core, every other kernel
+one thread. The dot kernels are ns per weight for one full matvec over the matrix
+(`matvec_blocks` over all blocks, the activation prepared once), in float and int8 mode,
+with the ratio to Q4_0.
 
 Part 2, simulator: a synthetic RWKV-4 (n_embd 512, 4 layers, vocabulary 4096, every matrix
 including the head in the type) written as a stream file per type, then ms per token on the
@@ -15,6 +16,7 @@ board in int8 and float mode.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -87,7 +89,6 @@ def run(rows: int = 1024, cols: int = 4096, repeat: int = 3, types=DEFAULT_TYPES
 
 
 def _simulator(types, repeat: int):
-    import os
     import tempfile
 
     from firmware_sim.board import Board
@@ -130,8 +131,8 @@ def format_table(rows) -> str:
         lines.append(f"{r['type']:<34} {r['bpw']:>6.3f} {r['rmse']:>7.4f} {r['quant_mb_s']:>10.1f} "
                      f"{r['deq_mb_s']:>9.0f} {r['float_ns']:>10.3f} {r['float_ratio']:>6.2f}x "
                      f"{r['int8_ns']:>9.3f} {r['int8_ratio']:>6.2f}x")
-    lines.append("(MB/s of float32 values; ns per weight of one matvec; one thread; "
-                 "QX quantize timed once)")
+    lines.append(f"(MB/s of float32 values; ns per weight of one matvec on one thread; QX "
+                 f"quantize timed once, on {os.cpu_count()} cores)")
     if rows and "int8_ms_token" in rows[0]:
         lines += ["", f"{'simulator: v4 512x4, vocab 4096':<34} {'stream bytes':>12} "
                       f"{'int8 ms/token':>13} {'x Q4_0':>7} {'float ms/token':>14}"]
