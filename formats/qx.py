@@ -432,6 +432,20 @@ def _outlined(builder, name, args, body):
     builder.call(fn, args)
 
 
+def _dense_loops(context, sig, args, prefix, k_tables, block):
+    """The `emit` of _width_runs for a dense-run intrinsic (args: buf, offs, x0s, lst, base,
+    n, ..., the walker's tables at k_tables .. k_tables + 5, ch after them): each class's
+    loop, block(builder, params, j, width, S, outlier kind, groups) per block plus a step of
+    the walk, in a function of its own (_outlined)."""
+    def emit(b, w, is_sym, kd, ng):
+        def loop(fb, a):
+            walker = _Walker.from_args(context, fb, sig, a, 0, k_tables, ng == 2,
+                                       a[k_tables + 6])
+            _run_loop(fb, a[5], walker, lambda fb, j: block(fb, a, j, w, is_sym, kd, ng))
+        _outlined(b, f"{prefix}_w{w}s{int(is_sym)}k{kd}g{ng}", args, loop)
+    return emit
+
+
 def _intrinsic_call(builder, name, ret, args):
     fn = cgutils.get_or_insert_function(builder.module,
                                         ir.FunctionType(ret, [a.type for a in args]), name)
@@ -512,16 +526,8 @@ def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, to
         B, c, sym, kind = args[6:10]
         bt, xft, tt = sig.args[0], sig.args[10], sig.args[11]
 
-        def emit(b, w, is_sym, kd, ng):
-            _outlined(b, f"qx_fdense_w{w}s{int(is_sym)}k{kd}g{ng}", args,
-                      lambda b, a: loop(b, a, w, is_sym, kd, ng))
-
-        def loop(b, a, w, is_sym, kd, ng):
-            walker = _Walker.from_args(context, b, sig, a, 0, 12, ng == 2, a[18])
-            _run_loop(b, a[5], walker, lambda b, j: block(b, a, j, w, is_sym, kd, ng))
-
         def block(b, a, j, w, is_sym, kd, ng):
-            buf, offs, x0s, lst, base, n = a[:6]
+            buf, offs, x0s, lst, base = a[:5]
             xf, tout = a[10:12]
             # n_out from the header byte even where the class fixes it: measured, the float
             # loops run faster with that load (0.19 against 0.22 ns/w; int8 the other way)
@@ -545,7 +551,8 @@ def _fdense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xf, to
                     t = _add_term(b, t, live, b.fmul(b.fsub(val, wp), xo))
             b.store(t, _data_ptr(context, b, tt, tout, kb))
 
-        _width_runs(builder, c, sym, kind, B, emit)
+        _width_runs(builder, c, sym, kind, B, _dense_loops(context, sig, args, "qx_fdense", 12,
+                                                           block))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -589,16 +596,8 @@ def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd
         bt = sig.args[0]
         xqt, xdt, xst, xft, tt = sig.args[10:15]
 
-        def emit(b, w, is_sym, kd, ng):
-            _outlined(b, f"qx_idense_w{w}s{int(is_sym)}k{kd}g{ng}", args,
-                      lambda b, a: loop(b, a, w, is_sym, kd, ng))
-
-        def loop(b, a, w, is_sym, kd, ng):
-            walker = _Walker.from_args(context, b, sig, a, 0, 15, ng == 2, a[21])
-            _run_loop(b, a[5], walker, lambda b, j: block(b, a, j, w, is_sym, kd, ng))
-
         def block(b, a, j, w, is_sym, kd, ng):
-            buf, offs, x0s, lst, base, n = a[:6]
+            buf, offs, x0s, lst, base = a[:5]
             xq, xd, xs, xf, tout = a[10:15]
             kb, o, x0, n_out, d, m, qo = _run_header(context, b, sig, buf, offs, x0s, lst,
                                                      base, j, w, is_sym, kd)
@@ -640,7 +639,8 @@ def _idense_run(typingctx, buf, offs, x0s, lst, base, n, B, c, sym, kind, xq, xd
                 t = _add_term(b, t, live, b.fmul(val, xo))
             b.store(t, _data_ptr(context, b, tt, tout, kb))
 
-        _width_runs(builder, c, sym, kind, B, emit)
+        _width_runs(builder, c, sym, kind, B, _dense_loops(context, sig, args, "qx_idense", 15,
+                                                           block))
         return context.get_dummy_value()
 
     return sig, codegen
