@@ -1137,6 +1137,23 @@ def _quant(v, c, sym, d, m, inv):
 
 
 @kernel(inline="always")
+def _errors(xv, v64, B, c, sym, d, m, inv, er, qq):
+    """er[e] = (the grid value of xv[e]) - xv[e] in float64 and qq[e] = its quant (less z for
+    S = 1) for the B elements, width c >= 1: no sums, so the loop vectorizes."""
+    if sym:
+        zf = np.float32(1 << (c - 1))
+        for e in range(B):
+            r, w = _quant(xv[e], c, 1, d, m, inv)
+            er[e] = np.float64(w) - v64[e]
+            qq[e] = np.float64(r - zf)
+    else:
+        for e in range(B):
+            r, w = _quant(xv[e], c, 0, d, m, inv)
+            er[e] = np.float64(w) - v64[e]
+            qq[e] = np.float64(r)
+
+
+@kernel(inline="always")
 def _err1(v, out_e, fe, c, sym, d, m, inv):
     """Error (float64) of value v under a candidate: fe if it is an outlier."""
     if out_e:
@@ -1271,6 +1288,10 @@ def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, 
     winv2 = np.zeros(nw, np.float32)
     wok2 = np.zeros(nw, np.bool_)
     ls = np.zeros((nw, 5), np.float64)
+    we = np.zeros(B, np.float64)        # target mode: the weight of each element, 0 for an
+    v64 = np.zeros(B, np.float64)       # outlier (adding its 0 term is exact, so the sums
+    er = np.zeros(B, np.float64)        # need no branch); its value; its error and quant on
+    qq = np.zeros(B, np.float64)        # the width at hand (a loop LLVM vectorizes)
     refit = np.zeros(nc, np.bool_)
     for ci in range(nc):
         sizes[ci] = _cand_size(cw[ci], cs[ci], ck[ci], B)
@@ -1346,27 +1367,36 @@ def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, 
                             ls[iw, :] = 0.0
                         o2 = 0.0
                         for e in range(B):
-                            v = xv[e]
                             ie = np.float64(imp[io + e])
+                            v64[e] = np.float64(xv[e])
+                            we[e] = 0.0 if isout[e] else ie
                             if isout[e]:
                                 o2 += ie * fe[e] * fe[e]
+                        # width by width: the errors and quants in a vector loop, then the
+                        # sums over the elements in order (the same sums as one element at a
+                        # time over all widths, a few times faster)
+                        for iw in range(nw):
+                            c = wlist[iw]
+                            if c == 0:
+                                acc = 0.0
+                                for e in range(B):
+                                    d0 = np.float64(wm[iw]) - v64[e]
+                                    acc += we[e] * d0 * d0
+                                wacc[iw] = acc
                                 continue
-                            v64 = np.float64(v)
-                            for iw in range(nw):
-                                c = wlist[iw]
-                                if c == 0:
-                                    er = np.float64(wm[iw]) - v64
-                                    wacc[iw] += ie * er * er
-                                    continue
-                                rq, w = _quant(v, c, sym, wd[iw], wm[iw], winv[iw])
-                                er = np.float64(w) - v64
-                                wacc[iw] += ie * er * er
-                                qq = np.float64(rq - np.float32(1 << (c - 1)) if sym else rq)
-                                ls[iw, 0] += ie
-                                ls[iw, 1] += ie * qq
-                                ls[iw, 2] += ie * qq * qq
-                                ls[iw, 3] += ie * v64
-                                ls[iw, 4] += ie * qq * v64
+                            _errors(xv, v64, B, c, sym, wd[iw], wm[iw], winv[iw], er, qq)
+                            acc = s0 = s1 = s2 = s3 = s4 = 0.0
+                            for e in range(B):
+                                ie = we[e]
+                                acc += ie * er[e] * er[e]
+                                s0 += ie
+                                s1 += ie * qq[e]
+                                s2 += ie * qq[e] * qq[e]
+                                s3 += ie * v64[e]
+                                s4 += ie * qq[e] * v64[e]
+                            wacc[iw] = acc
+                            ls[iw, 0], ls[iw, 1], ls[iw, 2], ls[iw, 3], ls[iw, 4] = \
+                                s0, s1, s2, s3, s4
                         any2 = False
                         for iw in range(nw):
                             hd2, hm2, ok2 = _ls_params(wlist[iw], sym, ls[iw, 0], ls[iw, 1],
@@ -1378,17 +1408,15 @@ def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, 
                             winv2[iw] = (np.float32(1.0) / wd2[iw]
                                          if wd2[iw] != np.float32(0.0) else np.float32(0.0))
                         if any2:
-                            for e in range(B):
-                                if isout[e]:
+                            for iw in range(nw):
+                                if not wok2[iw]:
                                     continue
-                                v = xv[e]
-                                ie = np.float64(imp[io + e])
-                                for iw in range(nw):
-                                    if wok2[iw]:
-                                        _, w = _quant(v, wlist[iw], sym, wd2[iw], wm2[iw],
-                                                      winv2[iw])
-                                        er = np.float64(w) - np.float64(v)
-                                        wacc2[iw] += ie * er * er
+                                _errors(xv, v64, B, wlist[iw], sym, wd2[iw], wm2[iw],
+                                        winv2[iw], er, qq)
+                                acc = 0.0
+                                for e in range(B):
+                                    acc += we[e] * er[e] * er[e]
+                                wacc2[iw] = acc
                         for iw in range(nw):
                             ci = cidx[iw, sym, k]
                             fits[ci] = False
