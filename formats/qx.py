@@ -1352,9 +1352,8 @@ def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, 
                             lo = min(lo, xv[e])
                             hi = max(hi, xv[e])
                     if not bound_mode:
-                        # every width in one pass over the elements (independent sums), then
-                        # a least-squares refit of d (and m) for the quants found, kept if
-                        # it lowers the error
+                        # every width's error and least-squares sums, then a refit of d (and
+                        # m) for the quants found, kept if it lowers the error
                         for iw in range(nw):
                             hd, hm, ok = _params(wlist[iw], sym, lo, hi, False)
                             wok[iw] = ok
@@ -1372,9 +1371,9 @@ def _analyze(x, B, imp, cw, cs, ck, cidx, wlist, kmax, tol_abs, tol_rel, floor, 
                             we[e] = 0.0 if isout[e] else ie
                             if isout[e]:
                                 o2 += ie * fe[e] * fe[e]
-                        # width by width: the errors and quants in a vector loop, then the
-                        # sums over the elements in order (the same sums as one element at a
-                        # time over all widths, a few times faster)
+                        # width by width: the errors and quants in a loop LLVM vectorizes,
+                        # then each sum over the elements in order (so the same float64 sums
+                        # as element by element)
                         for iw in range(nw):
                             c = wlist[iw]
                             if c == 0:
