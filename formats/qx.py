@@ -418,7 +418,8 @@ def _outlined(builder, name, args, body):
     """Call `name`(args), an internal noinline function of the module made once by
     body(builder, params): a hot loop in a function of its own gets registers for its own
     values (in the big kernel the allocator spilled the header walk's offset, which put a
-    store and a reload on the walk's chain of dependent loads)."""
+    store and a reload on the walk's chain of dependent loads). The header walk and each
+    class's loop are made this way."""
     name = f"{name}_{zlib.crc32(str([a.type for a in args]).encode()):08x}"
     fn = builder.module.globals.get(name)
     if fn is None:
@@ -727,43 +728,6 @@ class _Walker:
                        ptr(k_tables + 4), ptr(k_tables + 5))
 
 
-def _walk_function(module):
-    """The rest of a walk (_Walker state in ws, wcnt) as a function of its own, so that the
-    register allocation of a big caller cannot spill its state: (buf, size of buf, size
-    table (for the block size), class table, offs, lst, ch, ws, wcnt)."""
-    name = "qx_walk_headers"
-    if name in module.globals:
-        return module.globals[name]
-    p8, p32, p64 = _I8.as_pointer(), _I32.as_pointer(), _I64.as_pointer()
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8, _I64, p64, p64, p64, p32,
-                                                              _I64, p64, p64]), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    w = _Walker(builder, *fn.args)
-    i0, o0, n = w.load()
-    entry = builder.block
-    head = fn.append_basic_block("walk_head")
-    body = fn.append_basic_block("walk_body")
-    done = fn.append_basic_block("walk_done")
-    builder.branch(head)
-    builder.position_at_end(head)
-    i = builder.phi(_I64)
-    o = builder.phi(_I64)
-    builder.cbranch(builder.icmp_signed("<", i, n), body, done)
-    builder.position_at_end(body)
-    i2, o2, ok = w.step(i, o)
-    last = builder.block
-    builder.cbranch(ok, head, done)
-    for phi, v0, v2 in ((i, i0, i2), (o, o0, o2)):
-        phi.add_incoming(v0, entry)
-        phi.add_incoming(v2, last)
-    builder.position_at_end(done)
-    w.save(i, o)       # a failed step leaves i, o as they were
-    builder.ret_void()
-    return fn
-
-
 @intrinsic
 def _walk(typingctx, buf, B, size_t, cls_t, offs, lst, ws, wcnt, ch):
     """The walk (_Walker) to its end: ws[0] blocks walked of the ws[2] wanted, ws[1] the next
@@ -776,8 +740,16 @@ def _walk(typingctx, buf, B, size_t, cls_t, offs, lst, ws, wcnt, ch):
         tb = builder.select(builder.icmp_signed("==", B, ir.Constant(_I64, 64)),
                             ir.Constant(_I64, 256), ir.Constant(_I64, 0))
         size_buf = context.make_array(sig.args[0])(context, builder, args[0]).nitems
-        builder.call(_walk_function(builder.module), [
-            ptr(0), size_buf, ptr(2, tb), ptr(3), ptr(4), ptr(5), ch, ptr(6), ptr(7)])
+
+        def rest(b, params):        # a step per header still wanted (idle after a bad one)
+            walker = _Walker(b, *params)
+            i0, _, n = walker.load()
+            _run_loop(b, b.sub(n, i0), walker, lambda b, j: None)
+
+        # in a function of its own, so that the big caller's register allocation cannot
+        # spill the walk's state
+        _outlined(builder, "qx_walk_headers", [ptr(0), size_buf, ptr(2, tb), ptr(3), ptr(4),
+                                               ptr(5), ch, ptr(6), ptr(7)], rest)
         return context.get_dummy_value()
 
     return sig, codegen
